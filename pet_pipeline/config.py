@@ -1,0 +1,326 @@
+"""One typed config: defaults in code, a YAML file on top, `--key value` on top of that.
+
+    config = load_config(sys.argv[1:])          # raises UserError on any bad key or value
+    save_config(config, "runs/x/config.yaml")    # the resolved config, next to the run
+
+Every field carries a help text (shown by `--help`) and is checked in `validate`, so a bad
+config stops the program before any data is read or any GPU is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pet_pipeline.errors import UserError
+
+SPECIES = ("cat", "dog", "all")
+AUGMENT_PRESETS = ("none", "standard", "strong")
+SCHEDULERS = ("cosine", "plateau", "constant")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("wandb", "tensorboard", "all", "none")
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+def _field(default, help: str, **kwargs):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class Config:
+    # ---- data ----
+    dataset: str = _field(
+        "timm/oxford-iiit-pet",
+        "Hugging Face Hub dataset id, or 'synthetic' for generated data (no download).",
+    )
+    data_dir: str | None = _field(
+        None,
+        "Local copy in the official layout (images/, annotations/), or its parent holding "
+        "oxford-iiit-pet/ as torchvision downloads it; wins over `dataset`.",
+    )
+    species: str = _field("cat", "Which pets to keep: cat (12 breeds), dog (25) or all (37).")
+    breeds: list[str] | None = _field(
+        None, "Explicit breed names to keep (official names, any case); comma-separated on the CLI."
+    )
+    val_fraction: float = _field(
+        0.1, "Share of trainval held out, stratified by class, for model selection (0 = none)."
+    )
+    strict_data: bool = _field(
+        False, "Treat any unreadable image or malformed annotation line as an error."
+    )
+    synthetic_images_per_class: int = _field(
+        24, "Images per breed generated for dataset: synthetic."
+    )
+    synthetic_image_size: int = _field(96, "Side in pixels of generated images.")
+    image_size: int | None = _field(
+        None, "Input side in pixels (default: the model's own input size)."
+    )
+    augment: str = _field(
+        "standard",
+        "Train augmentation preset: none (resize + crop only, like the old script), "
+        "standard (RandomResizedCrop + flip), strong (+ RandAugment, colour jitter, random erasing).",
+    )
+    num_workers: int | None = _field(
+        None, "DataLoader worker processes per GPU (default: CPU cores per process, at most 8)."
+    )
+    # ---- model ----
+    model: str = _field("coatnet_0_rw_224", "Any timm model name.")
+    pretrained: bool = _field(True, "Start from the model's ImageNet weights.")
+    pretrained_path: str | None = _field(
+        None, "Local weights file (safetensors, timm or PyTorch checkpoint) for offline nodes."
+    )
+    drop_path_rate: float = _field(0.1, "Stochastic depth rate.")
+    # ---- optimisation ----
+    epochs: int = _field(10, "Passes over the training split.")
+    max_steps: int | None = _field(
+        None, "Stop after this many optimizer steps (overrides epochs when reached first)."
+    )
+    batch_size: int = _field(
+        32, "Images per device per micro-batch; lower it on out-of-memory, raise grad_accum_steps."
+    )
+    eval_batch_size: int | None = _field(None, "Images per device at evaluation (default: 2 x batch_size).")
+    grad_accum_steps: int = _field(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = _field(1e-4, "Peak learning rate of AdamW.")
+    min_lr: float = _field(1e-6, "Learning rate at the end of the cosine schedule.")
+    weight_decay: float = _field(0.05, "AdamW weight decay (not applied to norms and biases).")
+    warmup_epochs: float = _field(1.0, "Linear warmup length, in epochs (fractions allowed).")
+    scheduler: str = _field("cosine", "LR schedule after warmup: cosine, plateau or constant.")
+    clip_grad_norm: float | None = _field(1.0, "Clip the gradient norm to this value (null = off).")
+    label_smoothing: float = _field(0.1, "Label smoothing of the cross-entropy loss.")
+    mixup: float = _field(0.0, "Mixup alpha (0 = off).")
+    cutmix: float = _field(0.0, "CutMix alpha (0 = off).")
+    ema_decay: float | None = _field(
+        None, "Decay of an EMA of the weights (e.g. 0.999); evaluated and used for model selection."
+    )
+    class_weights: str = _field("none", "Loss class weights: none or balanced (inverse frequency).")
+    early_stopping_patience: int | None = _field(
+        None, "Stop when validation accuracy has not improved for this many epochs."
+    )
+    # ---- hardware ----
+    mixed_precision: str = _field("no", "no, fp16 or bf16 (bf16 on GPUs that have it).")
+    channels_last: bool = _field(True, "Use the channels_last memory format on GPU (ignored on CPU).")
+    compile: bool = _field(False, "torch.compile the model (pays off only on long runs).")
+    sync_bn: bool = _field(False, "Convert BatchNorm to SyncBatchNorm when several processes train.")
+    # ---- run ----
+    seed: int = _field(42, "Seed for the split, the initial weights, data order and augmentation.")
+    output_dir: str = _field("runs/pets", "Where the run writes everything.")
+    report_to: str = _field("wandb", "Tracker: wandb, tensorboard, all or none.")
+    wandb_project: str = _field("pet-pipeline", "W&B project name.")
+    run_name: str | None = _field(None, "Run name in the tracker (default: the output folder's name).")
+    resume: str = _field(
+        "auto", "auto (newest valid checkpoint in output_dir), none, or a checkpoint path."
+    )
+    checkpoint_steps: int | None = _field(
+        None, "Also checkpoint every this many optimizer steps (epoch ends always are)."
+    )
+    keep_checkpoints: int = _field(2, "How many of the newest checkpoints to keep.")
+    log_every: int = _field(10, "Optimizer steps between logged training losses.")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}.")
+
+
+def _at_least(key: str, value, minimum, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value < minimum:
+        raise UserError(f"{key}: {value!r} is too small; it must be >= {minimum}.")
+
+
+def validate(c: Config) -> None:
+    _choice("species", c.species, SPECIES)
+    _choice("augment", c.augment, AUGMENT_PRESETS)
+    _choice("scheduler", c.scheduler, SCHEDULERS)
+    _choice("mixed_precision", c.mixed_precision, MIXED_PRECISION)
+    _choice("report_to", c.report_to, REPORT_TO)
+    _choice("class_weights", c.class_weights, CLASS_WEIGHTS)
+    if not 0.0 <= c.val_fraction < 1.0:
+        raise UserError(f"val_fraction: {c.val_fraction!r} must be in [0, 1), e.g. 0.1.")
+    for key in ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints", "log_every",
+                "synthetic_images_per_class"):
+        _at_least(key, getattr(c, key), 1)
+    for key in ("image_size", "synthetic_image_size"):
+        _at_least(key, getattr(c, key), 16, optional=True)
+    for key in ("max_steps", "checkpoint_steps", "early_stopping_patience", "eval_batch_size"):
+        _at_least(key, getattr(c, key), 1, optional=True)
+    _at_least("num_workers", c.num_workers, 0, optional=True)
+    for key in ("lr", "min_lr", "weight_decay", "warmup_epochs", "drop_path_rate",
+                "label_smoothing", "mixup", "cutmix"):
+        _at_least(key, getattr(c, key), 0)
+    _at_least("clip_grad_norm", c.clip_grad_norm, 0, optional=True)
+    if c.lr == 0:
+        raise UserError("lr: 0 would not train; give a positive learning rate such as 1e-4.")
+    if not 0.0 <= c.label_smoothing < 1.0:
+        raise UserError(f"label_smoothing: {c.label_smoothing!r} must be in [0, 1).")
+    if c.ema_decay is not None and not 0.0 < c.ema_decay < 1.0:
+        raise UserError(f"ema_decay: {c.ema_decay!r} must be in (0, 1), e.g. 0.999, or null.")
+    if (c.mixup > 0 or c.cutmix > 0) and c.batch_size % 2:
+        raise UserError(f"batch_size: mixup/cutmix need an even batch size, not {c.batch_size}.")
+    if c.breeds is not None and not c.breeds:
+        raise UserError("breeds: the list is empty; name at least one breed or leave it out.")
+    if c.pretrained_path is not None and not Path(c.pretrained_path).is_file():
+        raise UserError(f"pretrained_path: {c.pretrained_path} is not a file; give a weights file.")
+    if c.resume not in ("auto", "none") and not Path(c.resume).is_dir():
+        raise UserError(
+            f"resume: {c.resume} is not a checkpoint folder; use auto, none or a checkpoint path."
+        )
+
+
+# ----------------------------------------------------------------------------- parsing
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    return f"; did you mean {close[0]!r}?" if close else "; see --help for the keys."
+
+
+def _base_type(hint):
+    """(type, optional) for hints such as `int | None` or `list[str] | None`."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in args if a is not type(None))
+    return hint, optional
+
+
+def _convert(key: str, value, from_cli: bool):
+    """Turn a YAML or CLI value into the field's type, or raise UserError naming the key."""
+    hint, optional = _base_type(_HINTS[key])
+    if value is None or (from_cli and isinstance(value, str) and value.lower() in ("null", "none")
+                         and optional):
+        if optional:
+            return None
+        raise UserError(f"{key}: a value is required here.")
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value, 10)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    wanted = names.get(hint, "a comma-separated list of names")
+    raise UserError(f"{key}: {value!r} is not {wanted}" + (" (or null)." if optional else "."))
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
+    """Split `--config FILE --key value --flag=value` into the file and the overrides."""
+    config_file, overrides = None, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise UserError(f"unexpected argument {arg!r}; options look like --key value.")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise UserError(f"{key}: missing value; write --{key} VALUE.")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if key == "config":
+            config_file = value
+        else:
+            overrides[key] = value
+    return config_file, overrides
+
+
+def read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config: {path} does not exist; give the path of a YAML file.")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise UserError(f"config: {path} is not valid YAML{where}; fix the file.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config: {path} must hold a mapping of keys to values.")
+    return data
+
+
+def build_config(values: dict, from_cli: dict | None = None, cls=Config):
+    """Check keys and types of `values` (file) and `from_cli` (strings), then build `cls`."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for source, from_cli_flag in ((values, False), (from_cli or {}, True)):
+        for key, value in source.items():
+            if key not in fields:
+                raise UserError(f"unknown key {key!r}{_did_you_mean(key)}")
+            kwargs[key] = _convert(key, value, from_cli_flag)
+    return cls(**kwargs)
+
+
+def help_text(cls=Config) -> str:
+    lines = ["Options (--key value; a YAML file with --config FILE, CLI wins):"]
+    for f in dataclasses.fields(cls):
+        lines.append(f"  --{f.name:<26} {f.metadata.get('help', '')} [default: {_default(f)}]")
+    return "\n".join(lines)
+
+
+def _default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def load_config(argv: list[str]) -> Config:
+    """The config from the command line: defaults < --config FILE < --key value."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        raise SystemExit(0)
+    config_file, overrides = parse_cli(argv)
+    file_values = read_yaml(config_file) if config_file else {}
+    return build_config(file_values, overrides)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

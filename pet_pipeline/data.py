@@ -1,0 +1,245 @@
+"""Oxford-IIIT Pet as Hugging Face `datasets`, the same schema from every source.
+
+    pets = load_pets(dataset=..., data_dir=..., species="cat", val_fraction=0.1, seed=42)
+    pets.train, pets.val, pets.test        # datasets.Dataset: image, label, species, image_id
+    pets.class_names                       # the kept breeds, official order, label 0..K-1
+    pets.skipped                           # "images/x.jpg: empty file", ... (left out)
+
+Sources: a local folder in the official layout (or its torchvision parent), the Hub
+(`timm/oxford-iiit-pet`), or `synthetic`, which generates a local folder once and loads it
+like any other. Filtering reads label columns only; no image is decoded until a batch
+needs it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from datasets import ClassLabel, Features, Value
+
+from pet_pipeline.breeds import BREEDS, SPECIES_NAMES, kept_breeds, official_name
+from pet_pipeline.errors import UserError
+from pet_pipeline.images import check_image_file
+
+ANNOTATION_FILES = {"trainval": "trainval.txt", "test": "test.txt"}
+QUICKSTART_HINT = "or try the offline quickstart: python train.py --config configs/quickstart.yaml"
+
+
+@dataclass
+class PetData:
+    train: datasets.Dataset
+    val: datasets.Dataset | None
+    test: datasets.Dataset
+    class_names: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
+def pet_features(class_names: list[str]) -> Features:
+    return Features(
+        {
+            "image": datasets.Image(),
+            "label": ClassLabel(names=list(class_names)),
+            "species": ClassLabel(names=list(SPECIES_NAMES)),
+            "image_id": Value("string"),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- local folder
+
+
+def find_pet_root(data_dir: str | Path) -> Path:
+    """The folder holding images/ and annotations/: `data_dir` itself or its oxford-iiit-pet/."""
+    data_dir = Path(data_dir)
+    for root in (data_dir, data_dir / "oxford-iiit-pet"):
+        if (root / "images").is_dir() and (root / "annotations").is_dir():
+            missing = [n for n in ANNOTATION_FILES.values() if not (root / "annotations" / n).is_file()]
+            if missing:
+                raise UserError(
+                    f"data_dir: {root / 'annotations'} lacks {' and '.join(missing)}; "
+                    "the official download has trainval.txt and test.txt there."
+                )
+            return root
+    if not data_dir.exists():
+        raise UserError(f"data_dir: {data_dir} does not exist; give the folder of the dataset.")
+    raise UserError(
+        f"data_dir: {data_dir} is not an Oxford-IIIT Pet folder; expected images/*.jpg and "
+        "annotations/trainval.txt + test.txt in it, or in its oxford-iiit-pet/ subfolder."
+    )
+
+
+@dataclass
+class Annotation:
+    image_id: str
+    breed: str  # official name
+
+
+def parse_annotations(path: Path) -> tuple[list[Annotation], list[str]]:
+    """Lines `Image CLASS-ID SPECIES BREED-ID`; '#' comments, blank lines and CRLF allowed.
+
+    Returns the good lines and one problem string per malformed line.
+    """
+    rows, problems = [], []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path.parent.name}/{path.name}:{number}"
+        parts = line.split()
+        if len(parts) != 4:
+            problems.append(f"{where}: expected 4 fields 'Image CLASS-ID SPECIES BREED-ID', got {line!r}")
+            continue
+        image_id, *numbers = parts
+        try:
+            class_id, species_id, _breed_id = (int(n) for n in numbers)
+        except ValueError:
+            problems.append(f"{where}: CLASS-ID, SPECIES and BREED-ID must be integers, got {line!r}")
+            continue
+        if not 1 <= class_id <= len(BREEDS):
+            problems.append(f"{where}: CLASS-ID {class_id} is outside 1..{len(BREEDS)}")
+            continue
+        breed = BREEDS[class_id - 1]
+        if species_id not in (1, 2) or SPECIES_NAMES[species_id - 1] != _species(breed):
+            problems.append(f"{where}: SPECIES {species_id} does not match breed {breed}")
+            continue
+        rows.append(Annotation(image_id, breed))
+    return rows, problems
+
+
+def _species(breed: str) -> str:
+    return "cat" if breed[0].isupper() else "dog"
+
+
+def load_local(data_dir: str | Path, class_names: list[str]) -> tuple[dict, list[str]]:
+    """{'trainval': Dataset, 'test': Dataset} of the kept breeds, and what was left out."""
+    root = find_pet_root(data_dir)
+    features = pet_features(class_names)
+    index = {name: i for i, name in enumerate(class_names)}
+    splits, problems = {}, []
+    for split, filename in ANNOTATION_FILES.items():
+        rows, bad_lines = parse_annotations(root / "annotations" / filename)
+        problems += bad_lines
+        columns = {"image": [], "label": [], "species": [], "image_id": []}
+        for row in rows:
+            if row.breed not in index:  # filter on the annotation, before touching the file
+                continue
+            path = root / "images" / f"{row.image_id}.jpg"
+            reason = check_image_file(path)
+            if reason:
+                problems.append(f"images/{path.name}: {reason}")
+                continue
+            columns["image"].append(str(path))
+            columns["label"].append(index[row.breed])
+            columns["species"].append(SPECIES_NAMES.index(_species(row.breed)))
+            columns["image_id"].append(row.image_id)
+        splits[split] = datasets.Dataset.from_dict(columns, features=features)
+    return splits, problems
+
+
+# ----------------------------------------------------------------------------- the Hub
+
+
+def load_hub(dataset_id: str, class_names: list[str]) -> dict:
+    """The Hub dataset (columns image, label = 37 lowercase names, image_id) in our schema."""
+    try:
+        hub = datasets.load_dataset(dataset_id)
+    except Exception as e:  # offline, unknown id, auth: all end in the same advice
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(
+            f"dataset: could not load {dataset_id!r} from the Hugging Face Hub ({reason}); "
+            f"set data_dir to a local copy in the official layout, {QUICKSTART_HINT}."
+        ) from None
+    if "train" not in hub or "test" not in hub or "label" not in hub["train"].features:
+        raise UserError(f"dataset: {dataset_id!r} has no train/test splits with a label column.")
+    hub_names = hub["train"].features["label"].names
+    official = [official_name(n) for n in hub_names]
+    if None in official:
+        unknown = hub_names[official.index(None)]
+        raise UserError(f"dataset: {dataset_id!r} has label {unknown!r}, not an Oxford-IIIT Pet breed.")
+    index = {name: i for i, name in enumerate(class_names)}
+    to_kept = {i: index[name] for i, name in enumerate(official) if name in index}
+    features = pet_features(class_names)
+
+    def relabel(labels):
+        return {
+            "label": [to_kept[x] for x in labels],
+            "species": [SPECIES_NAMES.index(_species(official[x])) for x in labels],
+        }
+
+    splits = {}
+    for ours, theirs in (("trainval", "train"), ("test", "test")):
+        ds = hub[theirs].filter(
+            lambda labels: [x in to_kept for x in labels], input_columns="label", batched=True
+        )
+        ds = ds.map(relabel, input_columns="label", batched=True,
+                    remove_columns=[c for c in ds.column_names if c not in features])
+        splits[ours] = ds.cast(features)
+    return splits, []
+
+
+# ----------------------------------------------------------------------------- one entry point
+
+
+def stratified_split(ds: datasets.Dataset, val_fraction: float, seed: int):
+    """(train, val) of `ds`, stratified by label and reproducible for a seed."""
+    if val_fraction == 0:
+        return ds, None
+    counts = Counter(ds["label"])
+    names = ds.features["label"].names
+    too_few = [names[k] for k in range(len(names)) if counts.get(k, 0) < 2]
+    if too_few:
+        raise UserError(
+            f"val_fraction: breed {too_few[0]} has fewer than 2 trainval images, too few to "
+            "split; set val_fraction: 0 or add images."
+        )
+    n_val = round(len(ds) * val_fraction)
+    if n_val < len(names) or len(ds) - n_val < len(names):
+        raise UserError(
+            f"val_fraction: {val_fraction} gives {n_val} validation images for {len(names)} "
+            "classes; a stratified split needs at least one per class, so raise or zero it."
+        )
+    parts = ds.train_test_split(test_size=n_val, stratify_by_column="label", seed=seed)
+    return parts["train"], parts["test"]
+
+
+def load_pets(
+    *,
+    dataset: str = "timm/oxford-iiit-pet",
+    data_dir: str | None = None,
+    species: str = "cat",
+    breeds: list[str] | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 42,
+    strict_data: bool = False,
+    synthetic_images_per_class: int = 24,
+    synthetic_image_size: int = 96,
+) -> PetData:
+    class_names = kept_breeds(species, breeds)
+    if data_dir is not None:
+        splits, skipped = load_local(data_dir, class_names)
+    elif dataset == "synthetic":
+        from pet_pipeline.synthetic import synthetic_pets_dir
+
+        folder = synthetic_pets_dir(images_per_class=synthetic_images_per_class,
+                                    image_size=synthetic_image_size)
+        splits, skipped = load_local(folder, class_names)
+    else:
+        splits, skipped = load_hub(dataset, class_names)
+    if skipped and strict_data:
+        raise UserError(
+            f"strict_data: {len(skipped)} bad input(s), first {skipped[0]}; fix or remove "
+            "them, or set strict_data: false to leave them out."
+        )
+    for name, ds in splits.items():
+        if len(ds) == 0:
+            raise UserError(
+                f"data: the {name} split has no images of {', '.join(class_names[:3])}"
+                f"{'...' if len(class_names) > 3 else ''}; check data_dir, species and breeds."
+            )
+    train, val = stratified_split(splits["trainval"], val_fraction, seed)
+    return PetData(train=train, val=val, test=splits["test"], class_names=class_names,
+                   skipped=skipped)

@@ -1,0 +1,36 @@
+"""Stop requests from SLURM (USR1 ahead of the time limit) or a scheduler (SIGTERM).
+
+The handler only raises a flag. The training loop asks `StopFlag.agreed(accelerator)` at
+every optimizer step and after every evaluation batch; all ranks reduce the flag together,
+so they stop, checkpoint and exit at the same step even if only one got the signal.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+
+# Exit status of a run that stopped on a signal after saving a checkpoint. The sbatch
+# scripts requeue on it; rerun with resume: auto (the default) to continue.
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
+
+
+class StopFlag:
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.requested = False
+        self.signal_name = None
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, accelerator) -> bool:
+        """True on every rank when any rank was signalled (one tiny all-reduce when
+        several processes run: a host-device sync point, once per optimizer step)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

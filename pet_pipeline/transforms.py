@@ -1,0 +1,103 @@
+"""Train and eval transforms from the model's data config, applied on the fly.
+
+    data_config = model_data_config("coatnet_0_rw_224", image_size=None)
+    train_transform = build_train_transform(data_config, augment="standard")
+    eval_transform = build_eval_transform(data_config)
+    ds = ds.with_transform(batch_transform(eval_transform, min_side=...))
+
+Everything comes from timm (`resolve_data_config`, `create_transform`): input size,
+interpolation, mean/std and crop_pct are the ones the pretrained weights were trained with.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import timm
+from timm.data import create_transform, resolve_data_config
+
+from pet_pipeline.errors import UserError
+from pet_pipeline.images import open_rgb
+
+
+def model_data_config(model_name: str, image_size: int | None = None) -> dict:
+    """timm's data config of `model_name` (input_size, interpolation, mean, std, crop_pct)."""
+    if not timm.is_model(model_name):
+        import difflib
+
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; see timm.list_models()."
+        raise UserError(f"model: {model_name!r} is not a timm model{hint}")
+    pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = resolve_data_config(
+            {}, pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {}
+        )
+    if image_size is not None:
+        config["input_size"] = (3, image_size, image_size)
+    return config
+
+
+# The presets a user picks with `augment`. RandAugment's "m9-mstd0.5" is timm's default
+# fine-tuning recipe; random erasing replaces a patch by noise in a quarter of the images.
+AUGMENT_PRESETS = {
+    "standard": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.0),
+    "strong": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4,
+                   auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel"),
+}
+
+
+def build_train_transform(data_config: dict, augment: str):
+    """`none` is the eval transform (no augmentation, like the old script)."""
+    if augment == "none":
+        return build_eval_transform(data_config)
+    return create_transform(
+        input_size=data_config["input_size"],
+        is_training=True,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        **AUGMENT_PRESETS[augment],
+    )
+
+
+def build_eval_transform(data_config: dict):
+    """Resize to size / crop_pct, center crop, normalise with the model's mean and std."""
+    return create_transform(
+        input_size=data_config["input_size"],
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        crop_pct=data_config["crop_pct"],
+        crop_mode=data_config.get("crop_mode", "center"),
+    )
+
+
+def decode_size(data_config: dict, augment: str | None) -> int | None:
+    """Smallest image side the transform needs, for JPEG draft decoding; None = full size.
+
+    Random crops of down to 8% of the area need the full resolution, so only deterministic
+    resizing (eval, augment none) decodes at reduced size.
+    """
+    if augment not in (None, "none"):
+        return None
+    return math.ceil(data_config["input_size"][-1] / data_config.get("crop_pct", 1.0))
+
+
+def batch_transform(transform, min_side: int | None = None):
+    """A function for `Dataset.with_transform`: decode to RGB, transform, keep the label.
+
+    Expects the image column cast to `datasets.Image(decode=False)` so decoding (draft
+    mode, mode conversion) happens here, in the DataLoader worker.
+    """
+
+    def apply(batch: dict) -> dict:
+        return {
+            "pixel_values": [transform(open_rgb(x, min_side)) for x in batch["image"]],
+            "label": batch["label"],
+        }
+
+    return apply
