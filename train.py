@@ -208,7 +208,7 @@ def train(config: Config) -> int:
     effective_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
     print0(
         f"pet-pipeline: {accelerator.num_processes} process(es) on {accelerator.device.type}"
-        f" ({accelerator.distributed_type.value}), precision {config.mixed_precision},"
+        f" ({accelerator.distributed_type.value}), precision {accelerator.mixed_precision},"
         f" {num_workers} loader worker(s) per process\n"
         f"data: train {len(pets.train)} / val {len(pets.val) if pets.val else 0} / test"
         f" {len(pets.test)} images, {len(class_names)} classes ({', '.join(class_names[:3])}"

@@ -105,7 +105,10 @@ class Config:
         None, "Stop when validation accuracy has not improved for this many epochs."
     )
     # ---- hardware ----
-    mixed_precision: str = _field("no", "no, fp16 or bf16 (bf16 on GPUs that have it).")
+    mixed_precision: str | None = _field(
+        None, "no, fp16 or bf16 (bf16 on GPUs that have it); null = the launcher's setting "
+        "(accelerate config), else no."
+    )
     channels_last: bool = _field(True, "Use the channels_last memory format on GPU (ignored on CPU).")
     compile: bool = _field(False, "torch.compile the model (pays off only on long runs).")
     sync_bn: bool = _field(False, "Convert BatchNorm to SyncBatchNorm when several processes train.")
@@ -147,7 +150,8 @@ def validate(c: Config) -> None:
     _choice("species", c.species, SPECIES)
     _choice("augment", c.augment, AUGMENT_PRESETS)
     _choice("scheduler", c.scheduler, SCHEDULERS)
-    _choice("mixed_precision", c.mixed_precision, MIXED_PRECISION)
+    if c.mixed_precision is not None:
+        _choice("mixed_precision", c.mixed_precision, MIXED_PRECISION)
     _choice("report_to", c.report_to, REPORT_TO)
     _choice("class_weights", c.class_weights, CLASS_WEIGHTS)
     if not 0.0 <= c.val_fraction < 1.0:

@@ -48,8 +48,13 @@ def check_image_file(path: str | Path) -> str | None:
     if marker is not None:
         with open(path, "rb") as f:
             f.seek(max(0, size - _TAIL_BYTES))
-            if marker not in f.read():
-                return f"truncated {image_format} (no end marker)"
+            tail = f.read()
+        # A GIF must end with its ';' trailer (the byte also occurs inside compressed data);
+        # JPEG and PNG markers are distinctive enough to be searched for in the tail.
+        ends = (tail.rstrip(b"\x00\r\n\t ").endswith(marker) if image_format == "GIF"
+                else marker in tail)
+        if not ends:
+            return f"truncated {image_format} (no end marker)"
     return None
 
 

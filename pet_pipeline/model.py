@@ -73,7 +73,8 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, *, model_name: str
 
     Load with evaluate.py, with `load_exported_model`, or with plain timm:
     `timm.create_model(name, num_classes=K, pretrained=True,
-    pretrained_cfg_overlay={"file": ".../model.safetensors"})`.
+    pretrained_cfg_overlay={"file": ".../model.safetensors", "num_classes": K})` (without
+    "num_classes" there, timm would drop the trained head as not matching ImageNet's 1000).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import warnings
 
 import timm
 from timm.data import create_transform, resolve_data_config
+from timm.data.transforms_factory import transforms_imagenet_train
 
 from pet_pipeline.errors import UserError
 from pet_pipeline.images import open_rgb
@@ -42,9 +43,10 @@ def model_data_config(model_name: str, image_size: int | None = None) -> dict:
 
 # The presets a user picks with `augment`. RandAugment's "m9-mstd0.5" is timm's default
 # fine-tuning recipe; random erasing replaces a patch by noise in a quarter of the images.
+# force_color_jitter: timm otherwise drops colour jitter whenever RandAugment is on.
 AUGMENT_PRESETS = {
-    "standard": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.0),
-    "strong": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4,
+    "standard": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=None),
+    "strong": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, force_color_jitter=True,
                    auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel"),
 }
 
@@ -53,9 +55,8 @@ def build_train_transform(data_config: dict, augment: str):
     """`none` is the eval transform (no augmentation, like the old script)."""
     if augment == "none":
         return build_eval_transform(data_config)
-    return create_transform(
-        input_size=data_config["input_size"],
-        is_training=True,
+    return transforms_imagenet_train(
+        img_size=data_config["input_size"][-2:],
         interpolation=data_config["interpolation"],
         mean=data_config["mean"],
         std=data_config["std"],

@@ -1,0 +1,253 @@
+"""train.py end to end: learning, outputs, accumulation, resume after SIGTERM, 2 processes.
+
+Each test runs the real script in a subprocess on generated pets at 32 px, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pet_pipeline.checkpoint import check_compatible, list_checkpoints
+from pet_pipeline.errors import UserError
+from pet_pipeline.model import build_model
+from pet_pipeline.preemption import PREEMPTED_EXIT_CODE
+from pet_pipeline.tracking import read_metrics
+
+sys.path.insert(0, str(Path(__file__).parent))
+from wandb_offline import read_offline_run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 12 cat breeds x 8 trainval images at 48 px, trained at 32 px: ~1 s per step on 2 cores.
+TINY = [
+    "--dataset", "synthetic", "--synthetic_images_per_class", "16", "--synthetic_image_size", "48",
+    "--model", "coatnet_nano_rw_224", "--pretrained", "false", "--image_size", "32",
+    "--batch_size", "8", "--lr", "2e-3", "--num_workers", "0", "--log_every", "1",
+    "--drop_path_rate", "0.0", "--report_to", "none",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    environment = dict(os.environ)
+    environment.update(
+        PET_PIPELINE_CACHE=str(tmp_path_factory.mktemp("pet-cache")),
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
+        WANDB_SILENT="true", OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1",
+    )
+    environment.pop("WANDB_API_KEY", None)
+    return environment
+
+
+def run_train(args, env, *, launcher=(sys.executable,), timeout=600):
+    result = subprocess.run([*launcher, str(ROOT / "train.py"), *args], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def assert_ok(result):
+    assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+def offline_runs(out: Path) -> list[Path]:
+    return sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_end_to_end_learns_writes_every_output_and_logs_wandb_offline(tmp_path, env):
+    out = tmp_path / "run"
+    result = run_train([*TINY, "--epochs", "5", "--val_fraction", "0.25", "--report_to", "wandb",
+                        "--output_dir", str(out)], env)
+    assert_ok(result)
+    assert "1 process(es)" in result.stdout
+    assert "12 classes" in result.stdout and "0 bad input(s) left out" in result.stdout
+
+    records = read_metrics(out / "metrics.jsonl")
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, "training loss did not fall"
+    val = [r["val_accuracy"] for r in records if "val_accuracy" in r]
+    assert len(val) == 5 and max(val) >= 0.5, f"validation accuracy too low: {val} (chance 0.083)"
+
+    for name in ["config.yaml", "metrics.jsonl", "model/model.safetensors", "model/config.json",
+                 "eval/metrics.json", "eval/confusion_matrix.csv", "eval/predictions.csv",
+                 "eval/classification_report.txt"]:
+        assert (out / name).is_file(), f"{name} missing"
+    assert list_checkpoints(out), "no checkpoint"
+    test_metrics = json.loads((out / "eval/metrics.json").read_text())
+    assert test_metrics["n"] == 96 and test_metrics["accuracy"] > 0.5
+
+    # the exported model loads with plain timm and gives the same outputs as ours
+    import timm
+
+    from pet_pipeline.model import load_exported_model
+
+    ours, config = load_exported_model(out / "model")
+    plain = timm.create_model(config["architecture"], num_classes=config["num_classes"],
+                              img_size=32, pretrained=True,
+                              pretrained_cfg_overlay={"file": str(out / "model/model.safetensors"),
+                                                      "num_classes": config["num_classes"]})
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain.eval()(x), ours(x))
+    assert config["label_names"][0] == "Abyssinian" and len(config["label_names"]) == 12
+
+    # the offline W&B run holds the same metrics and the resolved config
+    (run_file,) = offline_runs(out)
+    wandb_run = read_offline_run(run_file)
+    logged = [h["train_loss"] for h in wandb_run["history"] if "train_loss" in h]
+    assert logged == pytest.approx(losses)
+    assert wandb_run["config"]["lr"] == 2e-3 and wandb_run["config"]["image_size"] == 32
+    assert "wandb sync" in result.stdout
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_one_large_batch(tmp_path, env):
+    """2 micro-batches of 8 == 1 batch of 16, and the LR schedule steps per optimizer step.
+
+    A ViT (LayerNorm, no BatchNorm) so that batch statistics can't differ.
+    """
+    common = [*TINY, "--model", "vit_tiny_patch16_224", "--augment", "none", "--val_fraction", "0",
+              "--label_smoothing", "0", "--max_steps", "3", "--warmup_epochs", "0.5",
+              "--clip_grad_norm", "1.0", "--drop_path_rate", "0"]
+    accumulated, large = tmp_path / "accumulated", tmp_path / "large"
+    assert_ok(run_train([*common, "--batch_size", "8", "--grad_accum_steps", "2",
+                         "--output_dir", str(accumulated)], env))
+    assert_ok(run_train([*common, "--batch_size", "16", "--grad_accum_steps", "1",
+                         "--output_dir", str(large)], env))
+    a = load_file(str(accumulated / "model/model.safetensors"))
+    b = load_file(str(large / "model/model.safetensors"))
+    initial = build_model("vit_tiny_patch16_224", num_classes=12, pretrained=False, image_size=32)
+    moved = max((a[k] - initial.state_dict()[k]).abs().max().item() for k in a)
+    assert moved > 1e-4, "the weights did not change: nothing was compared"
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+    def lrs(out):
+        return [(r["step"], r["lr"]) for r in read_metrics(out / "metrics.jsonl") if "lr" in r]
+
+    assert [s for s, _ in lrs(accumulated)] == [1, 2, 3]  # one entry per optimizer step
+    assert [s for s, _ in lrs(large)] == [1, 2, 3]
+    assert [lr for _, lr in lrs(accumulated)] == pytest.approx([lr for _, lr in lrs(large)])
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def wait_for_step(path: Path, step: int, process, timeout=300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, "training ended before it could be stopped"
+        if path.exists() and any(r.get("step", 0) >= step for r in read_metrics(path)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached")
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_gives_the_uninterrupted_result(tmp_path, env):
+    args = [*TINY, "--epochs", "2", "--val_fraction", "0.25", "--drop_path_rate", "0.2",
+            "--augment", "strong", "--ema_decay", "0.9", "--report_to", "wandb",
+            "--num_workers", "1"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert_ok(run_train([*args, "--output_dir", str(straight)], env))
+
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--output_dir",
+                                str(stopped)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    wait_for_step(stopped / "metrics.jsonl", 3, process)  # mid-epoch: 9 steps per epoch
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
+    (checkpoint,) = list_checkpoints(stopped)
+    stop_step = json.loads((checkpoint / "train_state.json").read_text())["global_step"]
+    assert 3 <= stop_step < 9, "the stop should land in the middle of the first epoch"
+
+    assert_ok(run_train([*args, "--output_dir", str(stopped)], env))  # resume: auto
+    final_straight = load_file(str(list_checkpoints(straight)[-1] / "model.safetensors"))
+    final_resumed = load_file(str(list_checkpoints(stopped)[-1] / "model.safetensors"))
+    for key in final_straight:
+        torch.testing.assert_close(final_resumed[key], final_straight[key], rtol=1e-5, atol=1e-6)
+
+    def after_stop(out):
+        return [{k: v for k, v in r.items() if k != "images_per_s"}
+                for r in read_metrics(out / "metrics.jsonl") if r["step"] > stop_step]
+
+    resumed_records, straight_records = after_stop(stopped), after_stop(straight)
+    assert len(resumed_records) == len(straight_records) > 0
+    for resumed, reference in zip(resumed_records, straight_records):
+        assert resumed.keys() == reference.keys()
+        assert list(resumed.values()) == pytest.approx(list(reference.values()), rel=1e-5)
+    run_ids = {read_offline_run(f)["run_id"] for f in offline_runs(stopped)}
+    assert len(offline_runs(stopped)) == 2 and len(run_ids) == 1, "resume started a new W&B run"
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_and_only_rank0_writes(tmp_path, env):
+    out = tmp_path / "ddp"
+    env2 = {**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = run_train([*TINY, "--epochs", "1", "--val_fraction", "0.25", "--output_dir", str(out)],
+                       env2, launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                       "--nproc_per_node", "2"))
+    assert_ok(result)
+    assert "2 process(es)" in result.stdout, "torchrun did not give 2 processes"
+    assert result.stdout.count("pet-pipeline:") == 1, "the summary must print once"
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
+    assert steps == sorted(set(steps)), "metrics.jsonl written by more than one rank"
+    # 72 training images / (8 per device x 2 processes) = 5 optimizer steps
+    assert steps[-1] == 5
+    assert json.loads((out / "eval/metrics.json").read_text())["n"] == 96  # every test image once
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_pretrained_weights_unreachable_ends_in_one_sentence(tmp_path, env):
+    offline = {**env, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = run_train([*TINY, "--pretrained", "true", "--output_dir", str(tmp_path / "o")], offline)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "pretrained_path" in line and "pretrained: false" in line
+
+
+def test_model_without_pretrained_weights_is_refused():
+    with pytest.raises(UserError, match="pretrained_path.*pretrained: false"):
+        build_model("coatnet_rmlp_0_rw_224", num_classes=12, pretrained=True)
+
+
+def test_checkpoint_of_other_model_or_classes_is_refused(tmp_path):
+    state = {"model": "coatnet_0_rw_224", "class_names": ["Abyssinian", "Bengal"]}
+    with pytest.raises(UserError, match="coatnet_0_rw_224 model"):
+        check_compatible(state, model_name="resnet18", class_names=["Abyssinian", "Bengal"],
+                         checkpoint=tmp_path)
+    with pytest.raises(UserError, match="other classes"):
+        check_compatible(state, model_name="coatnet_0_rw_224", class_names=["Abyssinian"],
+                         checkpoint=tmp_path)
+
+
+def test_half_written_checkpoints_are_never_picked_up(tmp_path):
+    folder = tmp_path / "checkpoints"
+    (folder / ".tmp-step_00000009").mkdir(parents=True)
+    (folder / ".tmp-step_00000009" / "train_state.json").write_text("{}")
+    (folder / "step_00000008").mkdir()  # renamed but without its state file
+    (folder / "step_00000004").mkdir()
+    (folder / "step_00000004" / "train_state.json").write_text("{}")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004"]

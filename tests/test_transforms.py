@@ -1,0 +1,216 @@
+"""Transforms from the model's data config, augmentation presets, reproducible augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from pet_pipeline.config import AUGMENT_PRESETS
+from pet_pipeline.data import load_pets
+from pet_pipeline.errors import UserError
+from pet_pipeline.loader import EpochSeededSampler, PetTorchDataset
+from pet_pipeline.transforms import (
+    batch_transform,
+    build_eval_transform,
+    build_train_transform,
+    decode_size,
+    model_data_config,
+)
+
+SIZE = 32  # px: small keeps these tests fast; the default size is checked once
+
+
+def textured_image(width: int = 80, height: int = 60, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def coatnet_config():
+    return model_data_config("coatnet_0_rw_224", image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def cat_pets(synthetic_dir):
+    return load_pets(data_dir=str(synthetic_dir), species="cat", val_fraction=0)
+
+
+# ----------------------------------------------------------------------------- data config
+
+
+def test_data_config_comes_from_the_model():
+    config = model_data_config("coatnet_0_rw_224")
+    pretrained = timm.models.get_pretrained_cfg("coatnet_0_rw_224")
+    assert config["input_size"] == (3, 224, 224) == tuple(pretrained.input_size)
+    assert config["mean"] == tuple(pretrained.mean) == (0.5, 0.5, 0.5)
+    assert config["std"] == tuple(pretrained.std) == (0.5, 0.5, 0.5)
+    assert config["interpolation"] == pretrained.interpolation
+    assert config["crop_pct"] == pretrained.crop_pct
+    assert model_data_config("coatnet_0_rw_224", image_size=96)["input_size"] == (3, 96, 96)
+
+
+def test_unknown_model_suggests_the_closest():
+    with pytest.raises(UserError, match=r"model: 'coatnet_0_rw_22' is not a timm model; did you mean"):
+        model_data_config("coatnet_0_rw_22")
+
+
+def test_eval_transform_shape_dtype_and_default_size():
+    transform = build_eval_transform(model_data_config("coatnet_0_rw_224"))
+    x = transform(textured_image(300, 200))
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+
+
+@pytest.mark.parametrize("image_size", [32, 48])
+def test_image_size_overrides_the_model_size(image_size):
+    config = model_data_config("coatnet_0_rw_224", image_size=image_size)
+    for transform in (build_eval_transform(config), build_train_transform(config, "standard")):
+        x = transform(textured_image())
+        assert x.shape == (3, image_size, image_size) and x.dtype == torch.float32
+    resize = build_eval_transform(config).transforms[0]
+    assert isinstance(resize, T.Resize) and resize.size == int(image_size / config["crop_pct"])
+
+
+def test_normalisation_uses_the_models_mean_and_std(coatnet_config):
+    colour = (255, 0, 128)
+    image = Image.new("RGB", (50, 40), colour)
+    x = build_eval_transform(coatnet_config)(image)
+    expected = [(c / 255 - 0.5) / 0.5 for c in colour]  # coatnet_0_rw_224: mean = std = 0.5
+    assert torch.allclose(x.mean((1, 2)), torch.tensor(expected), atol=1e-2)
+    assert torch.allclose(x[:, 0, 0], torch.tensor(expected), atol=2e-2)  # constant all over
+
+    resnet = model_data_config("resnet18", image_size=SIZE)  # ImageNet mean/std
+    assert resnet["mean"] == (0.485, 0.456, 0.406)
+    y = build_eval_transform(resnet)(image)
+    imagenet = [(c / 255 - m) / s for c, m, s in zip(colour, resnet["mean"], resnet["std"])]
+    assert torch.allclose(y.mean((1, 2)), torch.tensor(imagenet), atol=1e-2)
+    assert not torch.allclose(x, y, atol=0.1)
+
+
+# ----------------------------------------------------------------------------- augmentation presets
+
+
+def test_presets_match_the_config_choices():
+    from pet_pipeline.transforms import AUGMENT_PRESETS as built
+
+    assert set(built) | {"none"} == set(AUGMENT_PRESETS)
+
+
+@pytest.mark.parametrize("augment", AUGMENT_PRESETS)
+def test_every_preset_gives_a_float_tensor_of_the_input_size(coatnet_config, augment):
+    transform = build_train_transform(coatnet_config, augment)
+    for seed in range(3):
+        x = transform(textured_image(seed=seed))
+        assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.float32
+        assert torch.isfinite(x).all()
+    x = transform(Image.new("RGB", (SIZE // 2, SIZE * 3), (10, 200, 30)))  # small and thin
+    assert x.shape == (3, SIZE, SIZE)
+
+
+def test_none_is_deterministic_and_equals_eval(coatnet_config):
+    image = textured_image()
+    none = build_train_transform(coatnet_config, "none")
+    torch.manual_seed(0)
+    a = none(image)
+    torch.manual_seed(1)
+    assert torch.equal(a, none(image))
+    assert torch.equal(a, build_eval_transform(coatnet_config)(image))
+
+
+def test_standard_and_strong_are_random(coatnet_config):
+    image = textured_image()
+    for augment in ("standard", "strong"):
+        transform = build_train_transform(coatnet_config, augment)
+        outputs = [transform(image) for _ in range(4)]
+        assert any(not torch.equal(outputs[0], o) for o in outputs[1:]), augment
+
+
+def test_preset_contents(coatnet_config):
+    standard = repr(build_train_transform(coatnet_config, "standard"))
+    assert "RandomResizedCrop" in standard and "RandomHorizontalFlip" in standard
+    strong = repr(build_train_transform(coatnet_config, "strong"))
+    assert "RandAugment" in strong and "RandomErasing" in strong
+
+
+def test_strong_preset_has_colour_jitter(coatnet_config):
+    strong = build_train_transform(coatnet_config, "strong")
+    jitters = [t for t in strong.transforms if isinstance(t, T.ColorJitter)]
+    assert jitters and jitters[0].brightness is not None
+
+
+def test_decode_size(coatnet_config):
+    assert decode_size(coatnet_config, None) == decode_size(coatnet_config, "none") == 34  # 32 / 0.95
+    assert decode_size(coatnet_config, "standard") is None
+
+
+def test_batch_transform_decodes_and_keeps_labels(coatnet_config):
+    apply = batch_transform(build_eval_transform(coatnet_config))
+    batch = apply({"image": [textured_image(), Image.new("L", (40, 40))], "label": [3, 5]})
+    assert batch["label"] == [3, 5]
+    assert [x.shape for x in batch["pixel_values"]] == [(3, SIZE, SIZE)] * 2
+
+
+# ----------------------------------------------------------------------------- reproducible loading
+
+
+@pytest.mark.parametrize("augment", ["standard", "strong"])  # strong: RandAugment draws from NumPy
+def test_same_epoch_and_index_give_the_same_augmentation(cat_pets, coatnet_config, augment):
+    transform = build_train_transform(coatnet_config, augment)
+    dataset = PetTorchDataset(cat_pets.train, transform, seed=3)
+    for index in range(6):
+        first = dataset[(2, index)]
+        np.random.seed(index + 100)  # whatever else happened in between must not matter
+        torch.manual_seed(index + 100)
+        second = dataset[(2, index)]
+        assert first["index"] == second["index"] == index
+        assert first["label"] == second["label"] == cat_pets.train[index]["label"]
+        assert torch.equal(first["pixel_values"], second["pixel_values"]), index
+
+
+def test_another_epoch_or_seed_gives_another_augmentation(cat_pets, coatnet_config):
+    transform = build_train_transform(coatnet_config, "standard")
+    dataset = PetTorchDataset(cat_pets.train, transform, seed=3)
+    other_seed = PetTorchDataset(cat_pets.train, transform, seed=4)
+    for index in range(3):
+        x = dataset[(0, index)]["pixel_values"]
+        assert not torch.equal(x, dataset[(1, index)]["pixel_values"])
+        assert not torch.equal(x, other_seed[(0, index)]["pixel_values"])
+
+
+def test_seeded_items_leave_the_callers_rng_alone(cat_pets, coatnet_config):
+    dataset = PetTorchDataset(cat_pets.train, build_train_transform(coatnet_config, "standard"), seed=0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    dataset[(0, 0)]
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_plain_index_keys_for_evaluation(cat_pets, coatnet_config):
+    dataset = PetTorchDataset(cat_pets.test, build_eval_transform(coatnet_config),
+                              min_side=decode_size(coatnet_config, None))
+    assert len(dataset) == len(cat_pets.test)
+    item = dataset[5]
+    assert item["index"] == 5 and item["label"] == cat_pets.test[5]["label"]
+    assert item["pixel_values"].shape == (3, SIZE, SIZE) and item["pixel_values"].dtype == torch.float32
+    assert torch.equal(item["pixel_values"], dataset[5]["pixel_values"])
+
+
+def test_epoch_seeded_sampler():
+    sampler = EpochSeededSampler(20, seed=5)
+    sampler.set_epoch(3)
+    order = list(sampler)
+    assert len(sampler) == 20 and all(epoch == 3 for epoch, _ in order)
+    assert sorted(i for _, i in order) == list(range(20))  # a permutation
+    again = EpochSeededSampler(20, seed=5)
+    again.set_epoch(3)
+    assert list(again) == order  # same seed and epoch, same order
+    sampler.set_epoch(4)
+    assert [i for _, i in sampler] != [i for _, i in order]
+    other = EpochSeededSampler(20, seed=6)
+    other.set_epoch(3)
+    assert list(other) != order
+    assert [i for _, i in EpochSeededSampler(5, seed=0, shuffle=False)] == list(range(5))
