@@ -330,7 +330,7 @@ def train(config: Config) -> int:
     accelerator.wait_for_everyone()
     from safetensors.torch import load_file
 
-    best_weights = load_file(str(out / "model" / "model.safetensors"), device=str(accelerator.device))
+    best_weights = load_file(str(out / "model" / "model.safetensors"))  # to CPU, then copied
     unwrap_compiled(accelerator.unwrap_model(eval_model)).load_state_dict(best_weights)
     test_predictions = predict(eval_model, test_loader, accelerator)
     if accelerator.is_main_process:

@@ -99,7 +99,7 @@ def load_checkpoint(accelerator, checkpoint: Path, *, ema=None) -> dict:
     """Restore model, optimizer, RNG (Accelerate) and EMA; return our train state."""
     accelerator.load_state(str(checkpoint))
     if ema is not None and (checkpoint / EMA_FILE).is_file():
-        ema.load_state_dict(load_file(str(checkpoint / EMA_FILE), device=str(accelerator.device)))
+        ema.load_state_dict(load_file(str(checkpoint / EMA_FILE)))
     return read_train_state(checkpoint)
 
 
