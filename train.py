@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
@@ -44,16 +45,18 @@ from pet_pipeline.checkpoint import (
 from pet_pipeline.config import Config, load_config, save_config, to_dict
 from pet_pipeline.data import load_pets
 from pet_pipeline.errors import UserError, exit_with
-from pet_pipeline.evaluation import compute_metrics, predict, write_report
+from pet_pipeline.evaluation import STOPPED, compute_metrics, evaluate_and_report, predict
 from pet_pipeline.loader import PetTorchDataset, build_dataloader, default_num_workers
 from pet_pipeline.model import build_model, export_model, unwrap_compiled
 from pet_pipeline.optim import balanced_class_weights, build_loss, build_optimizer, build_scheduler
+from pet_pipeline.plots import plot_training_curves
 from pet_pipeline.preemption import PREEMPTED_EXIT_CODE, StopFlag
 from pet_pipeline.tracking import (
     MetricsLog,
     choose_wandb_mode,
     init_trackers,
     new_run_id,
+    read_metrics,
     trackers_for,
     wandb_sync_hint,
 )
@@ -170,7 +173,7 @@ def train(config: Config) -> int:
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_accuracy": None,
         "epochs_since_best": 0, "loss_sum": 0.0, "loss_count": 0, "finished": False,
         "wandb_run_id": new_run_id(), "model": config.model, "class_names": class_names,
-        "scheduler": None,
+        "scheduler": None, "data_config": data_config,
     }
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, ema=ema)
@@ -328,16 +331,19 @@ def train(config: Config) -> int:
             export_model(unwrap_compiled(accelerator.unwrap_model(eval_model)), out / "model",
                          model_name=config.model, class_names=class_names, data_config=data_config)
     accelerator.wait_for_everyone()
-    from safetensors.torch import load_file
-
     best_weights = load_file(str(out / "model" / "model.safetensors"))  # to CPU, then copied
     unwrap_compiled(accelerator.unwrap_model(eval_model)).load_state_dict(best_weights)
-    test_predictions = predict(eval_model, test_loader, accelerator)
+    test_metrics = evaluate_and_report(
+        eval_model, test_loader, accelerator, dataset=pets.test, class_names=class_names,
+        data_config=data_config, out_dir=out / "eval", step=state["global_step"],
+        should_stop=should_stop)
+    if test_metrics is STOPPED:  # the last checkpoint is complete: a rerun only re-evaluates
+        accelerator.end_training()
+        return PREEMPTED_EXIT_CODE
     if accelerator.is_main_process:
-        test_metrics = write_report(out / "eval", test_predictions, class_names,
-                                    pets.test["image_id"])
         log({"step": state["global_step"], "test_accuracy": test_metrics["accuracy"],
              "test_macro_f1": test_metrics["macro_f1"]})
+        plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "training_curves.png")
         print0(f"test accuracy {test_metrics['accuracy']:.4f} on {test_metrics['n']} images;"
                f" report in {out / 'eval'}")
     hint = wandb_sync_hint(accelerator) if accelerator.is_main_process else None

@@ -188,12 +188,8 @@ def validate(c: Config) -> None:
 
 # ----------------------------------------------------------------------------- parsing
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-_HINTS = typing.get_type_hints(Config)
-
-
-def _did_you_mean(key: str) -> str:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
+def _did_you_mean(key: str, fields) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1)
     return f"; did you mean {close[0]!r}?" if close else "; see --help for the keys."
 
 
@@ -206,9 +202,9 @@ def _base_type(hint):
     return hint, optional
 
 
-def _convert(key: str, value, from_cli: bool):
+def _convert(key: str, value, from_cli: bool, hint):
     """Turn a YAML or CLI value into the field's type, or raise UserError naming the key."""
-    hint, optional = _base_type(_HINTS[key])
+    hint, optional = _base_type(hint)
     if value is None or (from_cli and isinstance(value, str) and value.lower() in ("null", "none")
                          and optional):
         if optional:
@@ -287,13 +283,13 @@ def read_yaml(path: str) -> dict:
 
 def build_config(values: dict, from_cli: dict | None = None, cls=Config):
     """Check keys and types of `values` (file) and `from_cli` (strings), then build `cls`."""
-    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for source, from_cli_flag in ((values, False), (from_cli or {}, True)):
         for key, value in source.items():
-            if key not in fields:
-                raise UserError(f"unknown key {key!r}{_did_you_mean(key)}")
-            kwargs[key] = _convert(key, value, from_cli_flag)
+            if key not in hints:
+                raise UserError(f"unknown key {key!r}{_did_you_mean(key, hints)}")
+            kwargs[key] = _convert(key, value, from_cli_flag, hints[key])
     return cls(**kwargs)
 
 
@@ -310,14 +306,14 @@ def _default(f: dataclasses.Field):
     return f.default
 
 
-def load_config(argv: list[str]) -> Config:
+def load_config(argv: list[str], cls=Config):
     """The config from the command line: defaults < --config FILE < --key value."""
     if "-h" in argv or "--help" in argv:
-        print(help_text())
+        print(help_text(cls))
         raise SystemExit(0)
     config_file, overrides = parse_cli(argv)
     file_values = read_yaml(config_file) if config_file else {}
-    return build_config(file_values, overrides)
+    return build_config(file_values, overrides, cls=cls)
 
 
 def to_dict(config) -> dict:
@@ -328,3 +324,51 @@ def save_config(config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+
+SPLITS = ("test", "val", "train")
+# Data keys evaluate.py takes from the training run's config.yaml unless given.
+RUN_DATA_KEYS = ("dataset", "data_dir", "val_fraction", "seed", "strict_data",
+                 "synthetic_images_per_class", "synthetic_image_size")
+
+
+@dataclass
+class EvalConfig:
+    model_dir: str | None = _field(
+        None, "A run's model/ folder, or one of its checkpoints/step_N folders."
+    )
+    split: str = _field("test", "Which split to evaluate: test, val or train.")
+    dataset: str | None = _field(None, "As in train.py (default: the training run's).")
+    data_dir: str | None = _field(None, "As in train.py (default: the training run's).")
+    species: str | None = _field(
+        None, "As in train.py; default: exactly the model's classes. Must match the model."
+    )
+    breeds: list[str] | None = _field(None, "As in train.py; must match the model's classes.")
+    val_fraction: float | None = _field(None, "As in train.py (default: the training run's).")
+    seed: int | None = _field(None, "Seed of the val split (default: the training run's).")
+    strict_data: bool | None = _field(None, "As in train.py.")
+    synthetic_images_per_class: int | None = _field(None, "As in train.py.")
+    synthetic_image_size: int | None = _field(None, "As in train.py.")
+    batch_size: int = _field(64, "Images per device.")
+    num_workers: int | None = _field(None, "DataLoader workers per process.")
+    mixed_precision: str | None = _field(None, "no, fp16 or bf16 (default: the launcher's).")
+    gradcam_images: int = _field(8, "Misclassified images shown with Grad-CAM maps (0 = none).")
+    output_dir: str | None = _field(
+        None, "Where the report goes (default: eval_SPLIT next to the model folder)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.model_dir is None:
+            raise UserError("model_dir: required; give a run's model/ folder, e.g. --model_dir runs/x/model.")
+        _choice("split", self.split, SPLITS)
+        if self.species is not None:
+            _choice("species", self.species, SPECIES)
+        if self.mixed_precision is not None:
+            _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("gradcam_images", self.gradcam_images, 0)
+        _at_least("num_workers", self.num_workers, 0, optional=True)
+        if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"val_fraction: {self.val_fraction!r} must be in [0, 1), e.g. 0.1.")

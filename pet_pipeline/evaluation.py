@@ -8,18 +8,16 @@ distributed sampler repeated to even out the last batch: every sample counts exa
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    top_k_accuracy_score,
-)
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from pet_pipeline.metrics import compute_with_evaluate, save_results
+
+STOPPED = "stopped"  # what evaluate_and_report returns when a stop signal interrupted it
 
 
 @dataclass
@@ -80,15 +78,9 @@ def compute_metrics(predictions: Predictions, class_names: list[str], top_confus
     y_true, y_pred = predictions.labels, predictions.predicted
     k = len(class_names)
     all_labels = list(range(k))
-    metrics = {"n": int(len(y_true)), "accuracy": float(accuracy_score(y_true, y_pred))}
-    if k > 5:
-        metrics["top5_accuracy"] = float(top_k_accuracy_score(
-            y_true, predictions.probabilities, k=5, labels=all_labels))
-    for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(
-            y_true, y_pred, labels=all_labels, average=average, zero_division=0)
-        metrics.update({f"{average}_precision": float(p), f"{average}_recall": float(r),
-                        f"{average}_f1": float(f)})
+    metrics = {"n": int(len(y_true))}
+    # headline numbers through `evaluate`, with the metric scripts shipped in the package
+    metrics.update(compute_with_evaluate(y_true, y_pred, predictions.probabilities))
     p, r, f, support = precision_recall_fscore_support(
         y_true, y_pred, labels=all_labels, zero_division=0)
     metrics["per_class"] = {
@@ -131,7 +123,7 @@ def write_report(out_dir: str | Path, predictions: Predictions, class_names: lis
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(predictions, class_names)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    save_results(out_dir, metrics, file_name="metrics.json")  # with evaluate's system info
     matrix = confusion_matrix(predictions.labels, predictions.predicted,
                               labels=list(range(len(class_names))))
     write_confusion_matrix_csv(out_dir / "confusion_matrix.csv", matrix, class_names)
@@ -147,3 +139,104 @@ def write_report(out_dir: str | Path, predictions: Predictions, class_names: lis
                                    target_names=class_names, digits=4, zero_division=0)
     (out_dir / "classification_report.txt").write_text(report)
     return metrics
+
+
+# ----------------------------------------------------------------------------- the full report
+
+
+def _sample_indices(predictions: Predictions, count: int, seed: int = 0) -> np.ndarray:
+    """Up to `count` positions for the sample grid: a fixed random draw, mistakes first."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(predictions.labels))
+    wrong = predictions.predicted[order] != predictions.labels[order]
+    return np.concatenate([order[wrong], order[~wrong]])[:count]
+
+
+def _model_inputs(dataset, rows, data_config):
+    """The eval-transformed tensors of dataset rows, as the model saw them."""
+    from pet_pipeline.loader import PetTorchDataset
+    from pet_pipeline.transforms import build_eval_transform, decode_size
+
+    view = PetTorchDataset(dataset, build_eval_transform(data_config),
+                           min_side=decode_size(data_config, None))
+    return torch.stack([view[int(i)]["pixel_values"] for i in rows]) if len(rows) else None
+
+
+def evaluate_and_report(model, loader, accelerator, *, dataset, class_names: list[str],
+                        data_config: dict, out_dir: str | Path, gradcam_images: int = 8,
+                        sample_images: int = 10, step: int | None = None, should_stop=None):
+    """Predict on every rank, then (main process) write the report and send it to the trackers.
+
+    Files in `out_dir`: metrics.json, confusion_matrix.csv/.png, predictions.csv,
+    classification_report.txt, prediction_samples.png, misclassified_gradcam.png.
+    Returns the metrics on the main process, None elsewhere, and STOPPED on every rank when
+    `should_stop()` said yes during prediction (a preemption signal).
+    """
+    from pet_pipeline.gradcam import compute_gradcams, denormalize
+    from pet_pipeline.plots import plot_confusion_matrix, plot_gradcam_gallery, plot_prediction_samples
+
+    predictions = predict(model, loader, accelerator, should_stop=should_stop)
+    if predictions is None:
+        return STOPPED
+    if not accelerator.is_main_process:
+        return None
+    out_dir = Path(out_dir)
+    image_ids = dataset["image_id"]
+    metrics = write_report(out_dir, predictions, class_names, image_ids)
+    matrix = confusion_matrix(predictions.labels, predictions.predicted, labels=list(range(len(class_names))))
+    plot_confusion_matrix(matrix, class_names, out_dir / "confusion_matrix.png")
+
+    mean, std = data_config["mean"], data_config["std"]
+    shown = _sample_indices(predictions, sample_images)
+    pixels = _model_inputs(dataset, predictions.indices[shown], data_config)
+    names = [class_names[i] for i in predictions.labels[shown]]
+    guessed = [class_names[i] for i in predictions.predicted[shown]]
+    confidence = predictions.probabilities[shown].max(axis=1)
+    plot_prediction_samples(list(denormalize(pixels, mean, std)) if pixels is not None else [],
+                            names, guessed, confidence, out_dir / "prediction_samples.png")
+
+    # Grad-CAM of the predicted class on the mistakes: what the model looked at when wrong
+    wrong = np.flatnonzero(predictions.predicted != predictions.labels)[:gradcam_images]
+    if len(wrong):
+        pixels = _model_inputs(dataset, predictions.indices[wrong], data_config)
+        raw_model = getattr(accelerator.unwrap_model(model), "_orig_mod", accelerator.unwrap_model(model))
+        cams = compute_gradcams(raw_model, pixels.to(accelerator.device),
+                                [int(c) for c in predictions.predicted[wrong]])
+        plot_gradcam_gallery(list(denormalize(pixels, mean, std)), list(cams),
+                             [class_names[i] for i in predictions.labels[wrong]],
+                             [class_names[i] for i in predictions.predicted[wrong]],
+                             predictions.probabilities[wrong].max(axis=1),
+                             out_dir / "misclassified_gradcam.png")
+    log_report_to_trackers(accelerator, out_dir, predictions, metrics, class_names, image_ids, step)
+    return metrics
+
+
+def log_report_to_trackers(accelerator, out_dir: Path, predictions: Predictions, metrics: dict,
+                           class_names: list[str], image_ids: list[str], step: int | None) -> None:
+    """Final metrics as the run summary, the PNGs as images, predictions as a W&B table and
+    the confusion matrix as a W&B confusion-matrix plot."""
+    scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            run = tracker.run
+            run.summary.update(scalars)
+            images = {f"eval/{p.stem}": wandb.Image(str(p)) for p in sorted(out_dir.glob("*.png"))}
+            table = wandb.Table(columns=["image_id", "true", "predicted", "confidence"], data=[
+                [image_ids[i], class_names[t], class_names[p], float(c)]
+                for i, t, p, c in zip(predictions.indices, predictions.labels, predictions.predicted,
+                                      predictions.probabilities.max(axis=1))])
+            run.log({**images, "eval/predictions": table,
+                     "eval/confusion_matrix_plot": wandb.plot.confusion_matrix(
+                         y_true=predictions.labels.tolist(), preds=predictions.predicted.tolist(),
+                         class_names=class_names)})
+        elif tracker.name == "tensorboard":
+            from PIL import Image
+
+            for path in sorted(out_dir.glob("*.png")):
+                image = np.asarray(Image.open(path).convert("RGB"))
+                tracker.writer.add_image(f"eval/{path.stem}", image, global_step=step or 0,
+                                         dataformats="HWC")
+            for key, value in scalars.items():
+                tracker.writer.add_scalar(key, value, global_step=step or 0)

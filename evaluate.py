@@ -1,0 +1,138 @@
+"""Evaluate a trained model on any split, with 1..N processes, and write the full report.
+
+    python evaluate.py --model_dir runs/quickstart/model
+    python evaluate.py --model_dir runs/quickstart/model --split val --output_dir /tmp/val-report
+    accelerate launch --config_file accelerate_config.yaml evaluate.py --model_dir runs/x/model
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 evaluate.py --model_dir runs/x/model
+
+`--model_dir` is a run's model/ folder or one of its checkpoints/step_N folders. The class
+list comes from the model; the data keys (dataset, data_dir, val_fraction, seed, ...)
+default to the training run's config.yaml, so `--split val` is the run's own validation
+split. Every process count gives the same predictions, each image counted once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from pet_pipeline.breeds import kept_breeds
+from pet_pipeline.checkpoint import STATE_FILE, read_train_state
+from pet_pipeline.config import RUN_DATA_KEYS, Config, EvalConfig, load_config, read_yaml
+from pet_pipeline.data import load_pets
+from pet_pipeline.errors import UserError, exit_with
+from pet_pipeline.evaluation import evaluate_and_report
+from pet_pipeline.loader import PetTorchDataset, build_dataloader, default_num_workers
+from pet_pipeline.model import EXPORT_WEIGHTS, build_model, read_export_config
+from pet_pipeline.transforms import build_eval_transform, decode_size
+
+
+def describe_model(model_dir: Path) -> tuple[dict, Path, Path | None]:
+    """(model description, weights file, the run's config.yaml or None) of a model folder
+    written by export_model or of a checkpoint folder."""
+    if (model_dir / STATE_FILE).is_file():  # checkpoints/step_N
+        state = read_train_state(model_dir)
+        if "data_config" not in state:
+            raise UserError(f"model_dir: {model_dir} is a checkpoint without a data config; "
+                            "use the run's model/ folder instead.")
+        description = {"architecture": state["model"], "label_names": state["class_names"],
+                       "pretrained_cfg": state["data_config"]}
+        run_config = model_dir.parent.parent / "config.yaml"
+    else:
+        description = read_export_config(model_dir)
+        run_config = model_dir.parent / "config.yaml"
+    weights = model_dir / EXPORT_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"model_dir: {model_dir} has no {EXPORT_WEIGHTS}; point it at a run's model/ folder.")
+    return description, weights, run_config if run_config.is_file() else None
+
+
+def resolve_data_keys(config: EvalConfig, run_config: Path | None) -> dict:
+    """Explicit values win, then the training run's, then train.py's defaults."""
+    defaults = Config.__dataclass_fields__
+    run_values = read_yaml(str(run_config)) if run_config else {}
+    resolved = {}
+    for key in RUN_DATA_KEYS:
+        value = getattr(config, key)
+        if value is None:
+            value = run_values.get(key, defaults[key].default)
+        resolved[key] = value
+    if config.dataset is not None and config.data_dir is None:
+        resolved["data_dir"] = None  # an explicit dataset replaces the run's local folder
+    return resolved
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(sys.argv[1:] if argv is None else argv, cls=EvalConfig)
+        return evaluate(config)
+    except UserError as error:
+        exit_with(error)
+
+
+def evaluate(config: EvalConfig) -> int:
+    # ------------------------------------------------------------------ model description
+    model_dir = Path(config.model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model_dir: {model_dir} is not a folder; give a run's model/ folder.")
+    description, weights, run_config = describe_model(model_dir)
+    class_names = list(description["label_names"])
+    data_config = dict(description["pretrained_cfg"])
+    data_config["input_size"] = tuple(data_config["input_size"])
+    if config.species is not None or config.breeds is not None:
+        wanted = kept_breeds(config.species or "all", config.breeds)
+        if wanted != class_names:
+            raise UserError(
+                f"species/breeds: the data would have {len(wanted)} classes ({', '.join(wanted[:3])}"
+                f"...) but the model knows {len(class_names)} ({', '.join(class_names[:3])}...); "
+                "leave species and breeds out to use the model's classes."
+            )
+    data = resolve_data_keys(config, run_config)
+    if config.split == "val" and not data["val_fraction"]:
+        raise UserError("split: val needs val_fraction > 0; the training run had no validation split.")
+    out = Path(config.output_dir) if config.output_dir else model_dir.parent / f"eval_{config.split}"
+
+    # ------------------------------------------------------------------ model (before any data)
+    model = build_model(description["architecture"], num_classes=len(class_names),
+                        pretrained=False, image_size=data_config["input_size"][-1])
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as e:
+        raise UserError(f"model_dir: {weights} does not fit {description['architecture']} with "
+                        f"{len(class_names)} classes ({str(e).splitlines()[0][:100]}).") from None
+
+    # ------------------------------------------------------------------ accelerator and data
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    with accelerator.main_process_first():
+        pets = load_pets(species="all", breeds=class_names, **data)
+    dataset = {"test": pets.test, "val": pets.val, "train": pets.train}[config.split]
+    if dataset is None or len(dataset) == 0:
+        raise UserError(f"split: the {config.split} split is empty after filtering; check the data keys.")
+    eval_set = PetTorchDataset(dataset, build_eval_transform(data_config),
+                               min_side=decode_size(data_config, None))
+    num_workers = config.num_workers if config.num_workers is not None else default_num_workers()
+    loader = build_dataloader(eval_set, batch_size=config.batch_size, train=False, seed=0,
+                              num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
+    if accelerator.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model, loader = accelerator.prepare(model, loader)
+
+    # ------------------------------------------------------------------ evaluation
+    accelerator.print(f"evaluating {description['architecture']} ({len(class_names)} classes) on "
+                      f"{len(dataset)} {config.split} images with {accelerator.num_processes} process(es)")
+    metrics = evaluate_and_report(model, loader, accelerator, dataset=dataset,
+                                  class_names=class_names, data_config=data_config, out_dir=out,
+                                  gradcam_images=config.gradcam_images)
+    if accelerator.is_main_process:
+        print(f"{config.split} accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; "
+              f"report in {out}")
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
