@@ -43,7 +43,7 @@ from pet_pipeline.checkpoint import (
     save_checkpoint,
 )
 from pet_pipeline.config import Config, load_config, save_config, to_dict
-from pet_pipeline.data import load_pets
+from pet_pipeline.data import load_pets, pre_resize
 from pet_pipeline.errors import UserError, exit_with
 from pet_pipeline.evaluation import STOPPED, compute_metrics, evaluate_and_report, predict
 from pet_pipeline.loader import PetTorchDataset, build_dataloader, default_num_workers
@@ -75,6 +75,10 @@ def train(config: Config) -> int:
         raise UserError("mixed_precision: fp16 needs a GPU; use bf16 or no on a CPU.")
     data_config = model_data_config(config.model, config.image_size)  # also checks the name
     class_names = kept_breeds(config.species, config.breeds)
+    eval_side = decode_size(data_config, None)  # the short side the eval transform resizes to
+    if config.pre_resize is not None and config.pre_resize < eval_side:
+        raise UserError(f"pre_resize: {config.pre_resize} px is below the {eval_side} px that "
+                        f"evaluation resizes to; use at least {eval_side}, or null.")
     checkpoint = find_resume_checkpoint(config.resume, out)
     if checkpoint is not None:
         check_compatible(read_train_state(checkpoint), model_name=config.model,
@@ -114,15 +118,20 @@ def train(config: Config) -> int:
             synthetic_images_per_class=config.synthetic_images_per_class,
             synthetic_image_size=config.synthetic_image_size,
         )
+    processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    num_workers = (config.num_workers if config.num_workers is not None
+                   else default_num_workers(processes_per_node))
+    if config.pre_resize is not None:
+        with accelerator.main_process_first():  # the main process writes the cache, others read it
+            for split in ("train", "val", "test"):
+                if getattr(pets, split) is not None:
+                    setattr(pets, split, pre_resize(getattr(pets, split), short_side=config.pre_resize,
+                                                    num_proc=max(1, num_workers)))
     eval_transform = build_eval_transform(data_config)
-    eval_side = decode_size(data_config, None)
     train_set = PetTorchDataset(pets.train, build_train_transform(data_config, config.augment),
                                 seed=config.seed, min_side=decode_size(data_config, config.augment))
     val_set = PetTorchDataset(pets.val, eval_transform, min_side=eval_side) if pets.val else None
     test_set = PetTorchDataset(pets.test, eval_transform, min_side=eval_side)
-    processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    num_workers = (config.num_workers if config.num_workers is not None
-                   else default_num_workers(processes_per_node))
     mixing = config.mixup > 0 or config.cutmix > 0
     loader_args = dict(seed=config.seed, num_workers=num_workers, pin_memory=on_gpu)
     train_loader = build_dataloader(train_set, batch_size=config.batch_size, train=True,
@@ -336,7 +345,7 @@ def train(config: Config) -> int:
     test_metrics = evaluate_and_report(
         eval_model, test_loader, accelerator, dataset=pets.test, class_names=class_names,
         data_config=data_config, out_dir=out / "eval", step=state["global_step"],
-        should_stop=should_stop)
+        gradcam_images=config.gradcam_images, should_stop=should_stop)
     if test_metrics is STOPPED:  # the last checkpoint is complete: a rerun only re-evaluates
         accelerator.end_training()
         return PREEMPTED_EXIT_CODE

@@ -172,7 +172,7 @@ def evaluate_and_report(model, loader, accelerator, *, dataset, class_names: lis
     Returns the metrics on the main process, None elsewhere, and STOPPED on every rank when
     `should_stop()` said yes during prediction (a preemption signal).
     """
-    from pet_pipeline.gradcam import compute_gradcams, denormalize
+    from pet_pipeline.gradcam import denormalize
     from pet_pipeline.plots import plot_confusion_matrix, plot_gradcam_gallery, plot_prediction_samples
 
     predictions = predict(model, loader, accelerator, should_stop=should_stop)
@@ -198,6 +198,8 @@ def evaluate_and_report(model, loader, accelerator, *, dataset, class_names: lis
     # Grad-CAM of the predicted class on the mistakes: what the model looked at when wrong
     wrong = np.flatnonzero(predictions.predicted != predictions.labels)[:gradcam_images]
     if len(wrong):
+        from pet_pipeline.gradcam import compute_gradcams  # pytorch-grad-cam, only when used
+
         pixels = _model_inputs(dataset, predictions.indices[wrong], data_config)
         raw_model = getattr(accelerator.unwrap_model(model), "_orig_mod", accelerator.unwrap_model(model))
         cams = compute_gradcams(raw_model, pixels.to(accelerator.device),

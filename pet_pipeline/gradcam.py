@@ -28,8 +28,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from timm.models import ConvNeXt, EfficientNet, MaxxVit, ResNet, VisionTransformer
 
 
@@ -119,6 +117,9 @@ def compute_gradcams(model: torch.nn.Module, pixel_values: torch.Tensor, target_
     """
     if len(target_classes) != len(pixel_values):
         raise ValueError(f"{len(pixel_values)} images but {len(target_classes)} target classes")
+    from pytorch_grad_cam import GradCAM  # imported here: the rest of the report works without it
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     was_training = model.training
     target_layers, reshape_transform = gradcam_setup(model, input_size=tuple(pixel_values.shape[1:]))
     cams = []

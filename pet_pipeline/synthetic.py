@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from pet_pipeline.breeds import BREEDS, CAT_BREEDS
 
-VERSION = 1  # bump when the generated content changes, so caches are rebuilt
+VERSION = 2  # bump when the generated content changes, so caches are rebuilt
 SHAPES = ("ellipse", "rectangle", "triangle", "cross")
 
 
@@ -61,23 +62,33 @@ def draw_pet(class_id: int, image_size: int, rng: np.random.Generator) -> Image.
     return Image.fromarray(pixels)
 
 
+def _write_one(job) -> None:
+    out_dir, breed, class_id, n, image_size, seed = job
+    rng = np.random.default_rng([seed, class_id, n])  # per image: same files for any worker count
+    draw_pet(class_id, image_size, rng).save(out_dir / "images" / f"{breed}_{n}.jpg", quality=90)
+
+
 def write_synthetic_pets(out_dir: str | Path, images_per_class: int = 24, image_size: int = 96,
-                         seed: int = 0) -> Path:
+                         seed: int = 0, workers: int = 1) -> Path:
     """Write images/ and annotations/{list,trainval,test}.txt; half of each class is test."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     lines = {"trainval": [], "test": []}
-    breed_ids = {}
+    jobs, breed_ids = [], {}
     for class_id, breed in enumerate(BREEDS):
         species = 1 if breed in CAT_BREEDS else 2
         breed_ids[species] = breed_ids.get(species, 0) + 1
         for n in range(1, images_per_class + 1):
-            image_id = f"{breed}_{n}"
-            draw_pet(class_id, image_size, rng).save(out_dir / "images" / f"{image_id}.jpg", quality=90)
+            jobs.append((out_dir, breed, class_id, n, image_size, seed))
             split = "trainval" if n <= (images_per_class + 1) // 2 else "test"
-            lines[split].append(f"{image_id} {class_id + 1} {species} {breed_ids[species]}")
+            lines[split].append(f"{breed}_{n} {class_id + 1} {species} {breed_ids[species]}")
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.map(_write_one, jobs, chunksize=64)
+    else:
+        for job in jobs:
+            _write_one(job)
     header = [
         "#Image CLASS-ID SPECIES BREED ID",
         "#ID: 1:37 Class ids",
@@ -104,7 +115,9 @@ def synthetic_pets_dir(images_per_class: int = 24, image_size: int = 96) -> Path
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    write_synthetic_pets(tmp, images_per_class, image_size)
+    # one process a core for the big sets (7,000+ images at full size take a minute alone)
+    workers = min(8, os.cpu_count() or 1) if images_per_class * len(BREEDS) >= 2000 else 1
+    write_synthetic_pets(tmp, images_per_class, image_size, workers=workers)
     try:
         tmp.rename(target)
     except OSError:  # another process finished first; its folder is identical
@@ -119,10 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images-per-class", type=int, default=24, help="images per breed (>= 2)")
     parser.add_argument("--image-size", type=int, default=96, help="side in pixels (>= 16)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the drawings")
+    parser.add_argument("--workers", type=int, default=1, help="processes drawing in parallel")
     args = parser.parse_args(argv)
     if args.images_per_class < 2 or args.image_size < 16:
         parser.exit(2, "error: --images-per-class must be >= 2 and --image-size >= 16.\n")
-    out = write_synthetic_pets(args.out_dir, args.images_per_class, args.image_size, args.seed)
+    out = write_synthetic_pets(args.out_dir, args.images_per_class, args.image_size, args.seed,
+                               workers=max(1, args.workers))
     print(f"wrote {len(BREEDS) * args.images_per_class} images to {out}")
 
 

@@ -528,3 +528,32 @@ def test_hub_dataset_with_foreign_labels_is_a_user_error(monkeypatch):
                         lambda *a, **k: datasets.DatasetDict(train=split, test=split))
     with pytest.raises(UserError, match=r"has label 'cat', not an Oxford-IIIT Pet breed"):
         load_hub("someone/cifar", CAT_BREEDS_OFFICIAL)
+
+
+# --------------------------------------------------------------------------- pre-resized cache
+
+
+def test_pre_resize_keeps_schema_shrinks_images_and_is_reused(tmp_path, monkeypatch):
+    from pet_pipeline.data import pre_resize
+
+    monkeypatch.setenv("PET_PIPELINE_CACHE", str(tmp_path / "cache"))
+    root = write_pet_folder(tmp_path / "pets", {"Abyssinian": (3, 1), "Bengal": (3, 1)}, image_size=120)
+    pets = load_pets(data_dir=str(root), species="cat", breeds=["Abyssinian", "Bengal"], val_fraction=0)
+    resized = pre_resize(pets.train, short_side=48)
+    assert resized.features == pets.train.features
+    assert list(resized["image_id"]) == list(pets.train["image_id"])
+    assert list(resized["label"]) == list(pets.train["label"])
+    for original, small in zip(pets.train, resized):
+        assert min(small["image"].size) == 48 and small["image"].mode == "RGB"
+        ratio = original["image"].size[0] / original["image"].size[1]
+        assert small["image"].size[0] / small["image"].size[1] == pytest.approx(ratio, rel=0.05)
+        # the same picture, only smaller
+        back = np.asarray(small["image"].resize(original["image"].size), dtype=np.float32)
+        assert np.abs(back - np.asarray(original["image"].convert("RGB"), dtype=np.float32)).mean() < 20
+    cached = list((tmp_path / "cache" / "resized").glob("*.arrow"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    again = pre_resize(pets.train, short_side=48)  # a second run reads the cache
+    assert cached[0].stat().st_mtime_ns == mtime and len(again) == len(resized)
+    dataset = PetTorchDataset(again, build_eval_transform(model_data_config("coatnet_nano_rw_224", 32)))
+    assert dataset[0]["pixel_values"].shape == (3, 32, 32)
