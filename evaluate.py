@@ -107,7 +107,7 @@ def evaluate(config: EvalConfig) -> int:
 
     # ------------------------------------------------------------------ accelerator and data
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():
         pets = load_pets(species="all", breeds=class_names, **data)
     dataset = {"test": pets.test, "val": pets.val, "train": pets.train}[config.split]
     if dataset is None or len(dataset) == 0:

@@ -61,6 +61,8 @@ from pet_pipeline.tracking import (
     wandb_sync_hint,
 )
 from pet_pipeline.transforms import (
+    DeviceNormalize,
+    build_batch_augment,
     build_eval_transform,
     build_train_transform,
     decode_size,
@@ -109,8 +111,8 @@ def train(config: Config) -> int:
         save_config(config, out / "config.yaml")
 
     # ------------------------------------------------------------------ data
-    # main process first: the synthetic folder and the Hub download are made only once
-    with accelerator.main_process_first():
+    # one process per node first: the synthetic folder and the Hub download are made once
+    with accelerator.local_main_process_first():
         pets = load_pets(
             dataset=config.dataset, data_dir=config.data_dir, species=config.species,
             breeds=config.breeds, val_fraction=config.val_fraction, seed=config.seed,
@@ -122,7 +124,7 @@ def train(config: Config) -> int:
     num_workers = (config.num_workers if config.num_workers is not None
                    else default_num_workers(processes_per_node))
     if config.pre_resize is not None:
-        with accelerator.main_process_first():  # the main process writes the cache, others read it
+        with accelerator.local_main_process_first():  # one process writes the cache, others read it
             for split in ("train", "val", "test"):
                 if getattr(pets, split) is not None:
                     setattr(pets, split, pre_resize(getattr(pets, split), short_side=config.pre_resize,
@@ -170,6 +172,8 @@ def train(config: Config) -> int:
                      if config.class_weights == "balanced" else None)
     loss_fn = build_loss(label_smoothing=config.label_smoothing, class_weights=class_weights,
                          mixing=mixing)
+    normalize = DeviceNormalize(data_config["mean"], data_config["std"], accelerator.device)
+    batch_augment = build_batch_augment(config.augment, accelerator.device)
     mixup = (Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
                    label_smoothing=config.label_smoothing, num_classes=len(class_names))
              if mixing else None)
@@ -258,7 +262,9 @@ def train(config: Config) -> int:
             batches.set_epoch(state["epoch"])
         model.train()
         for batch in batches:
-            images, targets = batch["pixel_values"], batch["label"]
+            images, targets = normalize(batch["pixel_values"]), batch["label"]  # uint8 -> float here
+            if batch_augment is not None:
+                images = batch_augment(images)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             if mixup is not None:

@@ -1,25 +1,51 @@
 #!/usr/bin/env bash
-# One prepared session on a lent GPU machine (torch, timm, accelerate preinstalled; no network):
-# install the wheels that ../shared/tools/device-wheels.sh put in .whl/, record the machine,
-# then run the GPU benchmark, which includes bf16 train.py runs and a full fine-tune + report.
-#   bash benchmarks/gpu_session.sh OUT_DIR [extra gpu_throughput.py arguments]
-set -euo pipefail
+# One prepared session on a lent GPU machine (torch, timm, accelerate preinstalled; no network).
+# Installs the wheels that ../shared/tools/device-wheels.sh put in .whl/, records the machine,
+# then runs, each part under its own time limit so that a slow part can't take the others:
+#   1. gpu_throughput.py: model-only bound, bf16 train.py, old settings, 10-epoch fine-tune
+#   2. loop_overhead.py on the GPU
+#   3. input_pipeline.py with up to 16 workers
+#   4. gpu_throughput.py, the torch.compile part
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [--tiny]   (--tiny: a CPU rehearsal)
+set -uo pipefail
 out=${1:?output folder}; shift
+tiny=${1:-}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [ -z "${SKIP_WHEELS:-}" ] && compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled PET_PIPELINE_CACHE=/tmp/gpu-bench/cache
+py=$(command -v python3)
 {
   date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  nproc
-  python3 -c "import torch, timm, accelerate, datasets; print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no GPU"
+  echo "cores: $(nproc)"
+  $py -c "import torch, timm, accelerate, datasets; print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__)"
 } 2>&1 | tee "$out/machine.txt"
-python3 benchmarks/gpu_throughput.py --json "$out/gpu_throughput.json" --work-dir /tmp/gpu-bench "$@" \
-  2>&1 | tee "$out/gpu_throughput.log"
-cp /tmp/gpu-bench/finetune/metrics.jsonl "$out/finetune_metrics.jsonl" 2>/dev/null || true
-cp -r /tmp/gpu-bench/finetune/eval "$out/finetune_eval" 2>/dev/null || true
-cp /tmp/gpu-bench/finetune/training_curves.png /tmp/gpu-bench/finetune/stdout.txt "$out/" 2>/dev/null || true
+
+part() {  # part NAME SECONDS COMMAND...: run with a limit, keep its log
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)" | tee -a "$out/session.log"
+  SECONDS=0
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "== $name: exit $? after ${SECONDS}s" | tee -a "$out/session.log"
+  grep -v "^W[0-9]" "$out/$name.log" | tail -n 25
+}
+
+if [ "$tiny" = "--tiny" ]; then
+  part throughput 400 $py benchmarks/gpu_throughput.py --tiny --skip compile --work-dir /tmp/gpu-bench --json "$out/gpu_throughput.json"
+  part loop_overhead 200 $py benchmarks/loop_overhead.py --repeats 1 --steps 20 --log-every 5 --json "$out/loop_overhead.json"
+  part input_pipeline 200 $py benchmarks/input_pipeline.py --sample-dir .bench-sample --images 200 --measure-images 128 --workers 0 1 --work-dir /tmp/gpu-bench/input --json "$out/input_pipeline.json"
+  exit 0
+fi
+part throughput 270 $py benchmarks/gpu_throughput.py --skip compile --work-dir /tmp/gpu-bench --json "$out/gpu_throughput.json"
+cp -r /tmp/gpu-bench/finetune/eval "$out/finetune_eval" 2>/dev/null
+cp /tmp/gpu-bench/finetune/metrics.jsonl /tmp/gpu-bench/finetune/stdout.txt /tmp/gpu-bench/finetune/training_curves.png "$out/" 2>/dev/null
+part loop_overhead 100 $py benchmarks/loop_overhead.py --model coatnet_0_rw_224 --image-size 224 --batch-size 128 --mixed-precision bf16 --steps 40 --log-every 10 --num-workers 12 --images-per-class 60 --repeats 1 --json "$out/loop_overhead.json"
+sample=.bench-sample  # the real Oxford sample, carried to the machine (not in git); else generated
+[ -d "$sample" ] && pick=(--sample-dir "$sample") || pick=(--generated)
+part input_pipeline 80 $py benchmarks/input_pipeline.py "${pick[@]}" --images 2000 --measure-images 1024 --workers 0 4 8 15 --work-dir /tmp/gpu-bench/input --json "$out/input_pipeline.json"
+part compile 110 $py benchmarks/gpu_throughput.py --skip eager old finetune --work-dir /tmp/gpu-bench --json "$out/gpu_throughput_compile.json"
+true

@@ -50,7 +50,8 @@ def first_sentence(error: Exception) -> str:
 
 def offline_hint() -> str:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set, so nothing can be downloaded: run this where there is internet without it"
+        return ("HF_HUB_OFFLINE is set, so nothing can be downloaded: run this where there is "
+                "internet, without it")
     return "check the name and the network, or log in with `hf auth login` for a gated repository"
 
 
@@ -61,7 +62,8 @@ def fetch_dataset(dataset_id: str) -> str:
     try:
         splits = datasets.load_dataset(dataset_id)
     except Exception as e:
-        raise UserError(f"dataset: could not download {dataset_id!r} ({first_sentence(e)}); {offline_hint()}.") from None
+        raise UserError(f"dataset: could not download {dataset_id!r} ({first_sentence(e)}); "
+                        f"{offline_hint()}.") from None
     sizes = ", ".join(f"{name} {len(split)}" for name, split in splits.items())
     return f"dataset {dataset_id} ({sizes} images)"
 
@@ -70,6 +72,11 @@ def fetch_weights(model_name: str, weights_dir: Path | None) -> tuple[str, Path 
     """The model's pretrained weights into the Hub cache (and a copy in `weights_dir`)."""
     import timm
 
+    if not timm.is_model(model_name):
+        raise UserError(f"model: {model_name!r} is not a timm model; see timm.list_models().")
+    if not timm.models.get_pretrained_cfg(model_name):
+        raise UserError(f"model: timm has no pretrained weights for {model_name}; use a model that "
+                        "has some (timm.list_models(pretrained=True)) or pretrained: false.")
     try:
         model = timm.create_model(model_name, pretrained=True)
     except Exception as e:

@@ -1,7 +1,8 @@
 """A throwaway SLURM cluster on this machine, for testing the scripts in slurm/ for real.
 
 Debian's munged, slurmctld and one slurmd per emulated node (n1, n2, ...), all on
-127.0.0.1, everything under one folder, no systemd and no cgroups:
+127.0.0.1, everything under one folder (but munge's socket, in a short folder of its own
+under /tmp), no systemd and no cgroups:
 
     cluster = LocalSlurm(tmp_dir, nodes=2)
     cluster.start()                          # SkipCluster(reason) when it can't
@@ -30,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,6 +86,7 @@ class LocalSlurm:
         self.kill_wait = kill_wait  # seconds between SIGTERM and SIGKILL at a job's end
         self.conf = self.root / "slurm.conf"
         self.pids: dict[str, int] = {}  # what this object started: name -> pid
+        self.munge_dir: Path | None = None
 
     # ------------------------------------------------------------------ environment
     @property
@@ -103,15 +106,16 @@ class LocalSlurm:
         reason = missing_requirements()
         if reason:
             raise SkipCluster(reason)
-        for sub in ("state", "log", "munge", *(f"spool/{n}" for n in self.nodes)):
+        for sub in ("state", "log", *(f"spool/{n}" for n in self.nodes)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        munge = self.root / "munge"
-        munge.chmod(0o711)  # munged wants o+x on its socket's folder
+        # munged wants o+x on every folder above its socket (pytest's are 0700), and a socket
+        # path must stay under ~100 characters: a short folder of its own in /tmp
+        munge = self.munge_dir = Path(tempfile.mkdtemp(prefix="pets-munge-", dir="/tmp"))
+        munge.chmod(0o711)
         key = munge / "munge.key"
-        if not key.exists():
-            self.run("mungekey", "-c", "-k", str(key))
+        self.run("mungekey", "-c", "-k", str(key))
         self.run("munged", f"--key-file={key}", f"--socket={munge / 'munge.sock'}",
-                 f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
+                 f"--pid-file={munge / 'munged.pid'}", f"--log-file={self.root / 'log/munged.log'}",
                  f"--seed-file={munge / 'munged.seed'}")  # daemonizes once the socket is up
         self.pids["munged"] = int((munge / "munged.pid").read_text())
 
@@ -151,7 +155,7 @@ class LocalSlurm:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.root / 'munge/munge.sock'},cred_expire=5",
+            f"AuthInfo=socket={self.munge_dir / 'munge.sock'},cred_expire=5",
             f"SlurmctldPort={port}",
             f"StateSaveLocation={self.root / 'state'}",
             f"SlurmdSpoolDir={self.root / 'spool'}/%n",
@@ -203,6 +207,8 @@ class LocalSlurm:
                 if _command_of(pid) == name.split("-")[0]:
                     os.kill(pid, signal.SIGKILL)
                 self.pids.pop(name)
+        if self.munge_dir is not None and "munged" not in self.pids:
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ jobs
     def sbatch(self, args: list[str], *, cwd: str | Path, env: dict[str, str]) -> str:
@@ -245,10 +251,12 @@ def main(argv: list[str]) -> int:
         print(f"export SLURM_CONF={cluster.conf}")
         return 0
     # stop: the pids from the pid files, each checked to be the daemon it names
+    socket_line = re.search(r"AuthInfo=socket=(\S+?)/munge.sock", cluster.conf.read_text())
+    cluster.munge_dir = Path(socket_line.group(1))
     for name, pid_file in [*((f"slurmd-{n}", cluster.root / f"slurmd-{n}.pid") for n in
                              [p.stem.removeprefix("slurmd-") for p in cluster.root.glob("slurmd-*.pid")]),
                            ("slurmctld", cluster.root / "slurmctld.pid"),
-                           ("munged", cluster.root / "munge" / "munged.pid")]:
+                           ("munged", cluster.munge_dir / "munged.pid")]:
         if pid_file.is_file():
             cluster.pids[name] = int(pid_file.read_text())
     cluster.stop()

@@ -221,7 +221,8 @@ def test_two_cpu_processes_train_and_only_rank0_writes(tmp_path, env):
 
 def test_pretrained_weights_unreachable_ends_in_one_sentence(tmp_path, env):
     offline = {**env, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    result = run_train([*TINY, "--pretrained", "true", "--output_dir", str(tmp_path / "o")], offline)
+    result = run_train([*TINY, "--pretrained", "true", "--val_fraction", "0.25",
+                        "--output_dir", str(tmp_path / "o")], offline)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import timm
@@ -14,7 +16,9 @@ from pet_pipeline.data import load_pets
 from pet_pipeline.errors import UserError
 from pet_pipeline.loader import EpochSeededSampler, PetTorchDataset
 from pet_pipeline.transforms import (
+    DeviceNormalize,
     batch_transform,
+    build_batch_augment,
     build_eval_transform,
     build_train_transform,
     decode_size,
@@ -67,9 +71,10 @@ def test_eval_transform_shape_dtype_and_default_size():
 @pytest.mark.parametrize("image_size", [32, 48])
 def test_image_size_overrides_the_model_size(image_size):
     config = model_data_config("coatnet_0_rw_224", image_size=image_size)
-    for transform in (build_eval_transform(config), build_train_transform(config, "standard")):
-        x = transform(textured_image())
-        assert x.shape == (3, image_size, image_size) and x.dtype == torch.float32
+    x = build_eval_transform(config)(textured_image())
+    assert x.shape == (3, image_size, image_size) and x.dtype == torch.float32
+    x = build_train_transform(config, "standard")(textured_image())
+    assert x.shape == (3, image_size, image_size) and x.dtype == torch.uint8
     resize = build_eval_transform(config).transforms[0]
     assert isinstance(resize, T.Resize) and resize.size == int(image_size / config["crop_pct"])
 
@@ -100,12 +105,12 @@ def test_presets_match_the_config_choices():
 
 
 @pytest.mark.parametrize("augment", AUGMENT_PRESETS)
-def test_every_preset_gives_a_float_tensor_of_the_input_size(coatnet_config, augment):
+def test_every_preset_gives_a_uint8_tensor_of_the_input_size(coatnet_config, augment):
+    """Workers send uint8; DeviceNormalize turns it into the model's input on the device."""
     transform = build_train_transform(coatnet_config, augment)
     for seed in range(3):
         x = transform(textured_image(seed=seed))
-        assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.float32
-        assert torch.isfinite(x).all()
+        assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.uint8
     x = transform(Image.new("RGB", (SIZE // 2, SIZE * 3), (10, 200, 30)))  # small and thin
     assert x.shape == (3, SIZE, SIZE)
 
@@ -117,7 +122,28 @@ def test_none_is_deterministic_and_equals_eval(coatnet_config):
     a = none(image)
     torch.manual_seed(1)
     assert torch.equal(a, none(image))
-    assert torch.equal(a, build_eval_transform(coatnet_config)(image))
+    normalize = DeviceNormalize(coatnet_config["mean"], coatnet_config["std"], "cpu")
+    torch.testing.assert_close(normalize(a[None])[0], build_eval_transform(coatnet_config)(image),
+                               atol=1e-5, rtol=0)
+
+
+def test_device_normalize_matches_torchvision(coatnet_config):
+    resnet = model_data_config("resnet18", image_size=SIZE)
+    images = torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8)
+    ours = DeviceNormalize(resnet["mean"], resnet["std"], "cpu")(images)
+    reference = T.Normalize(resnet["mean"], resnet["std"])(images.float() / 255)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_strong_erases_patches_on_the_batch(coatnet_config):
+    assert build_batch_augment("standard", "cpu") is None
+    erase = build_batch_augment("strong", "cpu")
+    torch.manual_seed(0)
+    random.seed(0)
+    batch = torch.zeros(64, 3, SIZE, SIZE)
+    erased = erase(batch.clone())
+    changed = (erased != 0).flatten(1).any(1).float().mean().item()
+    assert 0.05 < changed < 0.5  # probability 0.25 per image
 
 
 def test_standard_and_strong_are_random(coatnet_config):
@@ -132,7 +158,7 @@ def test_preset_contents(coatnet_config):
     standard = repr(build_train_transform(coatnet_config, "standard"))
     assert "RandomResizedCrop" in standard and "RandomHorizontalFlip" in standard
     strong = repr(build_train_transform(coatnet_config, "strong"))
-    assert "RandAugment" in strong and "RandomErasing" in strong
+    assert "RandAugment" in strong and "mmax=9" in strong
 
 
 def test_strong_preset_has_colour_jitter(coatnet_config):
