@@ -100,8 +100,8 @@ def train(config: Config) -> int:
         dynamo_backend="inductor" if config.compile else "no",
     )
 
-    def print0(message: str) -> None:  # tqdm.write keeps the progress bar intact
-        if accelerator.is_local_main_process:
+    def print0(message: str) -> None:  # once per job; tqdm.write keeps the progress bar intact
+        if accelerator.is_main_process:
             tqdm.write(message)
 
     on_gpu = accelerator.device.type == "cuda"
@@ -252,7 +252,7 @@ def train(config: Config) -> int:
         return PREEMPTED_EXIT_CODE
 
     progress = tqdm(total=total_steps, initial=state["global_step"], unit="step",
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+                    disable=not accelerator.is_main_process, dynamic_ncols=True)
     t_last, images_since = time.perf_counter(), 0
     while state["epoch"] < config.epochs and not state["finished"]:
         train_loader.set_epoch(state["epoch"])
