@@ -178,7 +178,10 @@ def train(config: Config) -> int:
                    label_smoothing=config.label_smoothing, num_classes=len(class_names))
              if mixing else None)
     raw_model = unwrap_compiled(accelerator.unwrap_model(model))
-    ema = ModelEmaV3(raw_model, decay=config.ema_decay) if config.ema_decay else None
+    # warmup: the decay grows with the step count, so a short run's EMA is not mostly the
+    # initial weights (decay 0.999 alone averages over ~1,000 steps)
+    ema = (ModelEmaV3(raw_model, decay=config.ema_decay, use_warmup=True)
+           if config.ema_decay else None)
     eval_model = ema.module if ema is not None else model  # what validation and export use
 
     # ------------------------------------------------------------------ resume
@@ -305,6 +308,7 @@ def train(config: Config) -> int:
                 break
             if config.checkpoint_steps and state["global_step"] % config.checkpoint_steps == 0:
                 checkpoint_now()
+                t_last, images_since = time.perf_counter(), 0
             if should_stop():
                 progress.close()
                 return stop_on_signal()
@@ -338,6 +342,7 @@ def train(config: Config) -> int:
         state["epoch"] += 1
         state["step_in_epoch"] = 0
         checkpoint_now()
+        t_last, images_since = time.perf_counter(), 0  # images/s measures training, not this
     progress.close()
 
     # ------------------------------------------------------------------ final evaluation
