@@ -26,8 +26,9 @@ def build_scheduler(optimizer, *, name: str, total_steps: int, warmup_steps: int
         scheduler, _ = create_scheduler_v2(
             optimizer,
             sched=timm_name,
-            num_epochs=max(1, total_steps),
+            num_epochs=max(1, total_steps - warmup_steps),
             warmup_epochs=warmup_steps,
+            warmup_prefix=True,  # warm up to the full lr, then decay over the remaining steps
             warmup_lr=min_lr if warmup_steps else 0.0,
             min_lr=min_lr,
             step_on_epochs=False,

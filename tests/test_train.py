@@ -252,3 +252,73 @@ def test_half_written_checkpoints_are_never_picked_up(tmp_path):
     (folder / "step_00000004").mkdir()
     (folder / "step_00000004" / "train_state.json").write_text("{}")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004"]
+
+
+# --------------------------------------------------------------------------- the other options
+
+
+@pytest.mark.slow
+def test_mixup_class_weights_plateau_early_stopping_and_tensorboard(tmp_path, env):
+    """The remaining optimisation options in one run; a learning rate too small to improve
+    anything makes early stopping fire after `patience` epochs without a better accuracy."""
+    out = tmp_path / "options"
+    result = run_train([*TINY, "--epochs", "6", "--val_fraction", "0.25", "--mixup", "0.8",
+                        "--cutmix", "1.0", "--class_weights", "balanced", "--scheduler", "plateau",
+                        "--lr", "1e-9", "--min_lr", "1e-10", "--early_stopping_patience", "1",
+                        "--report_to", "tensorboard", "--output_dir", str(out)], env)
+    assert_ok(result)
+    records = read_metrics(out / "metrics.jsonl")
+    val = [r for r in records if "val_accuracy" in r]
+    assert len(val) == 2, f"expected a stop after 2 epochs (patience 1), got {len(val)} validations"
+    assert "early stopping" in result.stdout
+    assert all(r["train_loss"] > 0 for r in records if "train_loss" in r)
+    assert list(out.glob("**/events.out.tfevents.*")), "no TensorBoard event file"
+    assert (out / "eval/metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_resume_none_starts_fresh_and_resume_path_uses_that_checkpoint(tmp_path, env):
+    out = tmp_path / "run"
+    args = [*TINY, "--val_fraction", "0", "--keep_checkpoints", "5", "--output_dir", str(out)]
+    assert_ok(run_train([*args, "--epochs", "2"], env))
+    first, second = list_checkpoints(out)
+    again = run_train([*args, "--epochs", "3", "--resume", str(first)], env)
+    assert_ok(again)
+    assert f"resuming from {first.name}, step 9" in again.stdout
+    epochs = [json.loads((c / "train_state.json").read_text())["epoch"] for c in list_checkpoints(out)]
+    assert epochs == [1, 2, 3]
+    fresh = run_train([*args, "--epochs", "1", "--resume", "none"], env)
+    assert_ok(fresh)
+    assert "resuming" not in fresh.stdout
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][-1] == 9  # the log starts over
+
+
+def test_class_weights_schedules_and_sync_batchnorm():
+    from timm.layers import convert_sync_batchnorm
+
+    from pet_pipeline.optim import balanced_class_weights, build_optimizer, build_scheduler
+
+    weights = balanced_class_weights([0, 0, 0, 1], num_classes=2)  # n / (K * n_k)
+    torch.testing.assert_close(weights, torch.tensor([4 / 6, 4 / 2]))
+
+    model = build_model("coatnet_nano_rw_224", num_classes=12, pretrained=False, image_size=32)
+    groups = build_optimizer(model, lr=1e-3, weight_decay=0.05).param_groups
+    decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert decayed and all(p.ndim >= 2 for p in decayed)  # norms and biases are exempt
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+    for name, check in (("cosine", lambda lrs: lrs[-1] < lrs[4] / 10),
+                        ("constant", lambda lrs: lrs[4:] == [lrs[4]] * len(lrs[4:]))):
+        optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+        scheduler = build_scheduler(optimizer, name=name, total_steps=20, warmup_steps=5, min_lr=1e-6)
+        lrs = []
+        for step in range(1, 21):
+            scheduler.step_update(step)
+            lrs.append(optimizer.param_groups[0]["lr"])
+        assert lrs[0] < lrs[3] < lrs[4] == max(lrs) == pytest.approx(1e-3), f"{name}: warmup {lrs[:6]}"
+        assert check(lrs), f"{name}: {lrs}"
+
+    synced = convert_sync_batchnorm(model)
+    kinds = {type(m).__name__ for m in synced.modules()}
+    assert not any(k in ("BatchNorm2d", "BatchNormAct2d") for k in kinds)
+    assert any("Sync" in k for k in kinds)
