@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,12 @@ TINY = [
     "--report_to", "none", "--val_fraction", "0.25",
 ]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +115,16 @@ def test_two_processes_count_every_sample_once(trained_run, env, tmp_path):
     one_rows = (tmp_path / "one/predictions.csv").read_text().splitlines()
     two_rows = (tmp_path / "two/predictions.csv").read_text().splitlines()
     assert [r.split(",")[:3] for r in one_rows] == [r.split(",")[:3] for r in two_rows]
+
+    # the same under `accelerate launch` (its multi-process launcher, on CPU over gloo)
+    launched = ok(run("evaluate.py", [*args, "--output_dir", str(tmp_path / "launched")],
+                      {**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+                      launcher=(sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                str(ROOT / "accelerate_config.yaml"), "--num_processes", "2",
+                                "--mixed_precision", "no", "--main_process_port", str(free_port()))))
+    assert "2 process(es)" in launched.stdout
+    launched_matrix, _ = read_confusion_matrix_csv(tmp_path / "launched/confusion_matrix.csv")
+    np.testing.assert_array_equal(one_matrix, launched_matrix)
 
 
 @pytest.mark.slow
