@@ -167,7 +167,7 @@ def train(config: Config) -> int:
         total_steps = min(total_steps, config.max_steps)
     scheduler = build_scheduler(optimizer, name=config.scheduler, total_steps=total_steps,
                                 warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-                                min_lr=config.min_lr)
+                                min_lr=config.min_lr, steps_per_epoch=steps_per_epoch)
     class_weights = (balanced_class_weights(pets.train["label"], len(class_names)).to(accelerator.device)
                      if config.class_weights == "balanced" else None)
     loss_fn = build_loss(label_smoothing=config.label_smoothing, class_weights=class_weights,
@@ -194,7 +194,7 @@ def train(config: Config) -> int:
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, ema=ema)
         if state["scheduler"] is not None:
-            scheduler.load_state_dict(state["scheduler"])
+            scheduler.lr_scheduler.load_state_dict(state["scheduler"])
         scheduler.step_update(state["global_step"])
     init_trackers(accelerator, report_to=config.report_to, project=config.wandb_project,
                   run_name=config.run_name or out.name, run_id=state["wandb_run_id"],
@@ -219,8 +219,10 @@ def train(config: Config) -> int:
 
     def checkpoint_now() -> None:
         flush_running_loss()
-        state["scheduler"] = (json_safe(scheduler.state_dict()) if config.scheduler == "plateau"
-                              else None)
+        # cosine and constant are functions of the step; plateau remembers its best and its
+        # epochs without improvement (torch's ReduceLROnPlateau inside timm's wrapper)
+        state["scheduler"] = (json_safe(scheduler.lr_scheduler.state_dict())
+                              if config.scheduler == "plateau" else None)
         path = save_checkpoint(accelerator, out, state, ema=ema, keep=config.keep_checkpoints)
         print0(f"checkpoint: {path}")
 

@@ -185,6 +185,9 @@ def validate(c: Config) -> None:
         raise UserError(f"ema_decay: {c.ema_decay!r} must be in (0, 1), e.g. 0.999, or null.")
     if (c.mixup > 0 or c.cutmix > 0) and c.batch_size % 2:
         raise UserError(f"batch_size: mixup/cutmix need an even batch size, not {c.batch_size}.")
+    if c.scheduler == "plateau" and c.val_fraction == 0:
+        raise UserError("scheduler: plateau follows the validation accuracy; set val_fraction > 0 "
+                        "or use cosine.")
     if c.breeds is not None and not c.breeds:
         raise UserError("breeds: the list is empty; name at least one breed or leave it out.")
     if c.pretrained_path is not None and not Path(c.pretrained_path).is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -16,16 +17,29 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float):
                                filter_bias_and_bn=True)
 
 
-def build_scheduler(optimizer, *, name: str, total_steps: int, warmup_steps: int, min_lr: float):
-    """A schedule counted in optimizer steps: call `step_update(global_step)` after each
-    optimizer step, and `step(epoch, metric)` at epoch ends (only plateau uses the metric).
+def build_scheduler(optimizer, *, name: str, total_steps: int, warmup_steps: int, min_lr: float,
+                    steps_per_epoch: int = 1):
+    """timm's schedule for `name`, with linear warmup to the full lr.
+
+    cosine and constant count optimizer steps: call `step_update(global_step)` after each
+    optimizer step. plateau (reduce the lr 10x after 2 epochs without a better validation
+    accuracy) can only count epochs in timm: its warmup is rounded to whole epochs and it
+    moves on `step(epoch, val_accuracy)` at each epoch end. Calling both every time is safe:
+    each schedule ignores the call that is not its own.
     """
-    timm_name = {"cosine": "cosine", "constant": "constant", "plateau": "plateau"}[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # timm marks its plateau schedule deprecated
+        if name == "plateau":
+            scheduler, _ = create_scheduler_v2(
+                optimizer, sched="plateau", num_epochs=max(1, math.ceil(total_steps / steps_per_epoch)),
+                warmup_epochs=round(warmup_steps / steps_per_epoch), warmup_lr=min_lr, min_lr=min_lr,
+                warmup_prefix=True, patience_epochs=2, decay_rate=0.1, plateau_mode="max",
+                step_on_epochs=True,
+            )
+            return scheduler
         scheduler, _ = create_scheduler_v2(
             optimizer,
-            sched=timm_name,
+            sched=name,
             num_epochs=max(1, total_steps - warmup_steps),
             warmup_epochs=warmup_steps,
             warmup_prefix=True,  # warm up to the full lr, then decay over the remaining steps
@@ -33,8 +47,6 @@ def build_scheduler(optimizer, *, name: str, total_steps: int, warmup_steps: int
             min_lr=min_lr,
             step_on_epochs=False,
             updates_per_epoch=1,  # "epochs" here are optimizer steps
-            patience_epochs=2,
-            plateau_mode="max",
         )
     scheduler.step_update(0)
     return scheduler

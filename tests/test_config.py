@@ -187,3 +187,12 @@ def test_real_process_exits_2_without_traceback(tmp_path):
     ]
     assert result.stdout == ""
     assert not (tmp_path / "run").exists()
+
+
+def test_plateau_needs_a_validation_split():
+    from pet_pipeline.config import build_config
+    from pet_pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="scheduler: plateau"):
+        build_config({"scheduler": "plateau", "val_fraction": 0})
+    assert build_config({"scheduler": "plateau", "val_fraction": 0.1}).scheduler == "plateau"

@@ -289,13 +289,14 @@ def test_resume_none_starts_fresh_and_resume_path_uses_that_checkpoint(tmp_path,
     first, second = list_checkpoints(out)
     again = run_train([*args, "--epochs", "3", "--resume", str(first)], env)
     assert_ok(again)
-    assert f"resuming from {first.name}, step 9" in again.stdout
+    first_step = json.loads((first / "train_state.json").read_text())["global_step"]  # 12 a epoch
+    assert f"resuming from {first.name}, step {first_step}" in again.stdout
     epochs = [json.loads((c / "train_state.json").read_text())["epoch"] for c in list_checkpoints(out)]
     assert epochs == [1, 2, 3]
     fresh = run_train([*args, "--epochs", "1", "--resume", "none"], env)
     assert_ok(fresh)
     assert "resuming" not in fresh.stdout
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][-1] == 9  # the log starts over
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][-1] == first_step  # starts over
 
 
 def test_class_weights_schedules_and_sync_batchnorm():
@@ -322,6 +323,19 @@ def test_class_weights_schedules_and_sync_batchnorm():
             lrs.append(optimizer.param_groups[0]["lr"])
         assert lrs[0] < lrs[3] < lrs[4] == max(lrs) == pytest.approx(1e-3), f"{name}: warmup {lrs[:6]}"
         assert check(lrs), f"{name}: {lrs}"
+
+    # plateau counts epochs: 1 warmup epoch to the full lr, then /10 after 2 flat epochs
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+    plateau = build_scheduler(optimizer, name="plateau", total_steps=100, warmup_steps=10,
+                              min_lr=1e-6, steps_per_epoch=10)
+    lrs = []
+    for epoch, accuracy in enumerate([0.5, 0.6, 0.6, 0.6, 0.6], start=1):
+        plateau.step_update(epoch * 10)  # ignored: plateau moves per epoch
+        plateau.step(epoch, accuracy)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[:3] == pytest.approx([1e-3, 1e-3, 1e-3]) and lrs[-1] == pytest.approx(1e-4), lrs
+    state = json.loads(json.dumps(plateau.lr_scheduler.state_dict()))  # what checkpoints carry
+    assert state["num_bad_epochs"] == 0 and state["best"] == 0.6
 
     synced = convert_sync_batchnorm(model)
     kinds = {type(m).__name__ for m in synced.modules()}
