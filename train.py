@@ -47,7 +47,7 @@ from pet_pipeline.data import load_pets, pre_resize
 from pet_pipeline.errors import UserError, exit_with
 from pet_pipeline.evaluation import STOPPED, compute_metrics, evaluate_and_report, predict
 from pet_pipeline.loader import PetTorchDataset, build_dataloader, default_num_workers
-from pet_pipeline.model import build_model, export_model, unwrap_compiled
+from pet_pipeline.model import build_model, export_model
 from pet_pipeline.optim import balanced_class_weights, build_loss, build_optimizer, build_scheduler
 from pet_pipeline.plots import plot_training_curves
 from pet_pipeline.preemption import PREEMPTED_EXIT_CODE, StopFlag
@@ -177,7 +177,10 @@ def train(config: Config) -> int:
     mixup = (Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
                    label_smoothing=config.label_smoothing, num_classes=len(class_names))
              if mixing else None)
-    raw_model = unwrap_compiled(accelerator.unwrap_model(model))
+    def unwrapped(module):  # without DDP and torch.compile wrappers: what is saved and averaged
+        return accelerator.unwrap_model(module, keep_torch_compile=False)
+
+    raw_model = unwrapped(model)
     # warmup: the decay grows with the step count, so a short run's EMA is not mostly the
     # initial weights (decay 0.999 alone averages over ~1,000 steps)
     ema = (ModelEmaV3(raw_model, decay=config.ema_decay, use_warmup=True)
@@ -207,15 +210,15 @@ def train(config: Config) -> int:
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     running_loss = torch.zeros((), device=accelerator.device)  # summed over micro-batches
+    running_micro_batches = 0
 
     def flush_running_loss() -> None:
         """Move the device-side loss sum into `state`, which checkpoints carry."""
+        nonlocal running_micro_batches
         state["loss_sum"] += accelerator.reduce(running_loss, "mean").item()
-        state["loss_count"] += running_micro_batches[0]
+        state["loss_count"] += running_micro_batches
         running_loss.zero_()
-        running_micro_batches[0] = 0
-
-    running_micro_batches = [0]
+        running_micro_batches = 0
 
     def checkpoint_now() -> None:
         flush_running_loss()
@@ -284,7 +287,7 @@ def train(config: Config) -> int:
                 optimizer.zero_grad(set_to_none=True)
             state["step_in_epoch"] += 1
             running_loss += loss.detach()  # stays on the device: no sync here
-            running_micro_batches[0] += 1
+            running_micro_batches += 1
             images_since += images.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -327,7 +330,7 @@ def train(config: Config) -> int:
             if improved:
                 state["best_accuracy"], state["epochs_since_best"] = accuracy, 0
                 if accelerator.is_main_process:  # keep the best weights as the exported model
-                    export_model(unwrap_compiled(accelerator.unwrap_model(eval_model)), out / "model",
+                    export_model(unwrapped(eval_model), out / "model",
                                  model_name=config.model, class_names=class_names,
                                  data_config=data_config)
             else:
@@ -350,11 +353,11 @@ def train(config: Config) -> int:
     # ------------------------------------------------------------------ final evaluation
     if val_loader is None or not (out / "model" / "model.safetensors").is_file():
         if accelerator.is_main_process:  # no validation split: the last weights are the model
-            export_model(unwrap_compiled(accelerator.unwrap_model(eval_model)), out / "model",
+            export_model(unwrapped(eval_model), out / "model",
                          model_name=config.model, class_names=class_names, data_config=data_config)
     accelerator.wait_for_everyone()
     best_weights = load_file(str(out / "model" / "model.safetensors"))  # to CPU, then copied
-    unwrap_compiled(accelerator.unwrap_model(eval_model)).load_state_dict(best_weights)
+    unwrapped(eval_model).load_state_dict(best_weights)
     test_metrics = evaluate_and_report(
         eval_model, test_loader, accelerator, dataset=pets.test, class_names=class_names,
         data_config=data_config, out_dir=out / "eval", step=state["global_step"],

@@ -256,8 +256,8 @@ def _cache_key(ds: datasets.Dataset, short_side: int) -> str:
     """Same images and size -> same key, across runs and processes."""
     images = ds.cast_column("image", datasets.Image(decode=False))
     digest = hashlib.sha256(f"v1-{short_side}".encode())
-    paths = [record["path"] for record in list(images.select_columns("image")["image"])[:1]]
-    if paths and paths[0] and os.path.isfile(paths[0]):  # a local folder: ids, paths, sizes, times
+    first_path = images[0]["image"]["path"] if len(images) else None  # one row, not the column
+    if first_path and os.path.isfile(first_path):  # a local folder: ids, paths, sizes, times
         for record in images.select_columns("image")["image"]:
             stat = os.stat(record["path"])
             digest.update(f"{record['path']}:{stat.st_size}:{stat.st_mtime_ns};".encode())

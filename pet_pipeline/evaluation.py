@@ -201,7 +201,7 @@ def evaluate_and_report(model, loader, accelerator, *, dataset, class_names: lis
         from pet_pipeline.gradcam import compute_gradcams  # pytorch-grad-cam, only when used
 
         pixels = _model_inputs(dataset, predictions.indices[wrong], data_config)
-        raw_model = getattr(accelerator.unwrap_model(model), "_orig_mod", accelerator.unwrap_model(model))
+        raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
         cams = compute_gradcams(raw_model, pixels.to(accelerator.device),
                                 [int(c) for c in predictions.predicted[wrong]])
         plot_gradcam_gallery(list(denormalize(pixels, mean, std)), list(cams),

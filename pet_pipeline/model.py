@@ -63,13 +63,10 @@ def build_model(
         ) from None
 
 
-def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)
-
-
 def export_model(model: torch.nn.Module, out_dir: str | Path, *, model_name: str,
                  class_names: list[str], data_config: dict) -> None:
-    """`model.safetensors` + `config.json` in the layout timm's Hub models use.
+    """`model.safetensors` + `config.json` in the layout timm's Hub models use (pass the
+    plain model: `accelerator.unwrap_model(model, keep_torch_compile=False)`).
 
     Load with evaluate.py, with `load_exported_model`, or with plain timm:
     `timm.create_model(name, num_classes=K, pretrained=True,
@@ -78,7 +75,7 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, *, model_name: str
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap_compiled(model).state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = out_dir / f".{EXPORT_WEIGHTS}.tmp"
     save_file(state, str(tmp))
     tmp.replace(out_dir / EXPORT_WEIGHTS)

@@ -25,6 +25,15 @@ from pet_pipeline.breeds import BREEDS, CAT_BREEDS
 
 VERSION = 2  # bump when the generated content changes, so caches are rebuilt
 SHAPES = ("ellipse", "rectangle", "triangle", "cross")
+# The comment lines that open the official annotations/list.txt, verbatim (typos included).
+LIST_HEADER = (
+    "#Image CLASS-ID SPECIES BREED ID",
+    "#ID: 1:37 Class ids",
+    "#SPECIES: 1:Cat 2:Dog",
+    "#BREED ID: 1-25:Cat 1:12:Dog",
+    "#All images with 1st letter as captial are cat images",
+    "#images with small first letter are dog images",
+)
 
 
 def cache_root() -> Path:
@@ -89,18 +98,10 @@ def write_synthetic_pets(out_dir: str | Path, images_per_class: int = 24, image_
     else:
         for job in jobs:
             _write_one(job)
-    header = [
-        "#Image CLASS-ID SPECIES BREED ID",
-        "#ID: 1:37 Class ids",
-        "#SPECIES: 1:Cat 2:Dog",
-        "#BREED ID: 1-25:Cat 1:12:Dog",
-        "#All images with 1st letter as captial are cat images",
-        "#images with small first letter are dog images",
-    ]
     for split, rows in lines.items():
         (out_dir / "annotations" / f"{split}.txt").write_text("\n".join(rows) + "\n")
     everything = sorted(lines["trainval"] + lines["test"], key=lambda r: int(r.split()[1]))
-    (out_dir / "annotations" / "list.txt").write_text("\n".join(header + everything) + "\n")
+    (out_dir / "annotations" / "list.txt").write_text("\n".join([*LIST_HEADER, *everything]) + "\n")
     return out_dir
 
 

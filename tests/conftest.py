@@ -18,20 +18,14 @@ import pytest
 from PIL import Image
 
 from pet_pipeline.breeds import BREEDS, CAT_BREEDS, DOG_BREEDS
+from pet_pipeline.synthetic import LIST_HEADER
 
 REPO = Path(__file__).resolve().parents[1]
 # The CI clone puts shared/ next to the project folder; tests that need it skip without it.
 SHARED = REPO.parent / "shared"
 PET_SAMPLE = SHARED / "data" / "oxford-pet-sample"
 
-OXFORD_HEADER = (
-    "#Image CLASS-ID SPECIES BREED ID",
-    "#ID: 1:37 Class ids",
-    "#SPECIES: 1:Cat 2:Dog",
-    "#BREED ID: 1-25:Cat 1:12:Dog",
-    "#All images with 1st letter as captial are cat images",
-    "#images with small first letter are dog images",
-)
+OXFORD_HEADER = LIST_HEADER
 
 
 def annotation_line(image_id: str, breed: str) -> str:
