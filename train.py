@@ -61,8 +61,7 @@ from pet_pipeline.tracking import (
     wandb_sync_hint,
 )
 from pet_pipeline.transforms import (
-    DeviceNormalize,
-    build_batch_augment,
+    DeviceTransform,
     build_eval_transform,
     build_train_transform,
     decode_size,
@@ -172,8 +171,8 @@ def train(config: Config) -> int:
                      if config.class_weights == "balanced" else None)
     loss_fn = build_loss(label_smoothing=config.label_smoothing, class_weights=class_weights,
                          mixing=mixing)
-    normalize = DeviceNormalize(data_config["mean"], data_config["std"], accelerator.device)
-    batch_augment = build_batch_augment(config.augment, accelerator.device)
+    # the device half of the train transform: colour jitter, normalisation, random erasing
+    device_transform = DeviceTransform(data_config, config.augment, accelerator.device)
     mixup = (Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
                    label_smoothing=config.label_smoothing, num_classes=len(class_names))
              if mixing else None)
@@ -270,9 +269,7 @@ def train(config: Config) -> int:
             batches.set_epoch(state["epoch"])
         model.train()
         for batch in batches:
-            images, targets = normalize(batch["pixel_values"]), batch["label"]  # uint8 -> float here
-            if batch_augment is not None:
-                images = batch_augment(images)
+            images, targets = device_transform(batch), batch["label"]  # uint8 -> float here
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             if mixup is not None:

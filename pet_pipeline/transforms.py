@@ -11,6 +11,7 @@ interpolation, mean/std and crop_pct are the ones the pretrained weights were tr
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -44,24 +45,31 @@ def model_data_config(model_name: str, image_size: int | None = None) -> dict:
 
 # The presets a user picks with `augment`. RandAugment's "m9-mstd0.5" is timm's default
 # fine-tuning recipe; "mmax9" keeps the sampled magnitude below 10, where Posterize asks
-# Pillow for 0 bits and fails (about 1 image in 600). force_color_jitter: timm otherwise
-# drops colour jitter whenever RandAugment is on.
+# Pillow for 0 bits and fails (about 1 image in 600). strong's colour jitter and random
+# erasing are not here: they run on the device, on whole batches (`DeviceTransform`).
 AUGMENT_PRESETS = {
     "standard": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=None),
-    "strong": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, force_color_jitter=True,
+    "strong": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=None,
                    auto_augment="rand-m9-mstd0.5-mmax9-inc1"),
 }
-# strong also replaces a patch by noise in a quarter of the images, on the device
+# Training crops and RandAugment's rotations, shears and translations interpolate
+# bilinearly: Pillow's bicubic affine costs 3x as much (3.6 against 1.2 ms for a 224 px
+# image, docs/PERFORMANCE.md). Evaluation resizes with the weights' own (bicubic) setting.
+TRAIN_INTERPOLATION = "bilinear"
+# strong: brightness, contrast and saturation factors in [0.6, 1.4], in a random order ...
+COLOR_JITTER = 0.4
+# ... and a patch replaced by noise in a quarter of the images.
 RANDOM_ERASING = dict(probability=0.25, mode="pixel")
 
 
 def build_train_transform(data_config: dict, augment: str):
-    """PIL image -> augmented uint8 (3, H, W) tensor.
+    """The CPU half of the train transform: PIL image -> augmented uint8 (3, H, W) tensor.
 
-    Normalisation (and strong's random erasing) happen on the device in the training step
-    (`DeviceNormalize`, `build_batch_augment`): workers send a quarter of the bytes float32
-    would take, and the GPU does the arithmetic. `none` resizes and crops like the eval
-    transform, without augmentation (what the old script did).
+    For strong it ends in `DrawColorJitter`, so it returns {"pixel_values": tensor,
+    "color_jitter": the sample's factors}. The device half (`DeviceTransform`) applies the
+    jitter, normalises and erases, on whole batches: PIL colour jitter alone cost ~0.9 ms an
+    image in a worker, and uint8 hands over a quarter of the bytes float32 would. `none`
+    resizes and crops like the eval transform, without augmentation (what the old script did).
     """
     if augment == "none":
         return create_transform(
@@ -69,26 +77,65 @@ def build_train_transform(data_config: dict, augment: str):
             interpolation=data_config["interpolation"], crop_pct=data_config["crop_pct"],
             crop_mode=data_config.get("crop_mode", "center"), use_prefetcher=True,
         )
-    return transforms_imagenet_train(
+    transform = transforms_imagenet_train(
         img_size=data_config["input_size"][-2:],
-        interpolation=data_config["interpolation"],
+        interpolation=TRAIN_INTERPOLATION,
         use_prefetcher=True,  # timm's name for "stop at a uint8 tensor"
         **AUGMENT_PRESETS[augment],
     )
+    if augment == "strong":
+        transform.transforms.append(DrawColorJitter(COLOR_JITTER))
+    return transform
 
 
-def build_batch_augment(augment: str, device):
-    """The part of an augmentation preset that runs on whole batches on the device, or None."""
-    if augment != "strong":
-        return None
-    from timm.data.random_erasing import RandomErasing
+# The six orders in which brightness (0), contrast (1) and saturation (2) can be applied.
+_JITTER_ORDERS = tuple(itertools.permutations(range(3)))
+_GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and torchvision use
 
-    return RandomErasing(**RANDOM_ERASING, device=device)
+
+class DrawColorJitter:
+    """The random half of torchvision's ColorJitter(s, s, s), drawn per sample on the CPU.
+
+    Draws from torch's generator, which the loader seeds for every sample, so the factors
+    are a function of (seed, epoch, index) like the rest of the augmentation.
+    `apply_color_jitter` applies them to the batch on the device.
+    """
+
+    def __init__(self, strength: float):
+        self.strength = strength
+
+    def __call__(self, image: torch.Tensor) -> dict:
+        factors = torch.empty(3).uniform_(1 - self.strength, 1 + self.strength)
+        order = torch.randint(len(_JITTER_ORDERS), (1,)).float()
+        return {"pixel_values": image, "color_jitter": torch.cat([factors, order])}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(brightness=contrast=saturation={self.strength}, on the device)"
+
+
+def apply_color_jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and saturation per image, each in its own order, on a batch.
+
+    images: float (N, 3, H, W) in 0..255; params: (N, 4) from `DrawColorJitter` (the three
+    factors, then the index of the order). The arithmetic of torchvision's ColorJitter on
+    tensors (blend with black, the mean grey, the grey image), without a host-device sync.
+    """
+    orders = torch.tensor(_JITTER_ORDERS, device=images.device)[params[:, 3].long()]
+    grey_weights = torch.tensor(_GREY_WEIGHTS, device=images.device, dtype=images.dtype)
+    for position in range(3):
+        grey = torch.einsum("nchw,c->nhw", images, grey_weights).unsqueeze(1)
+        blend_with = (torch.zeros_like(grey), grey.mean(dim=(1, 2, 3), keepdim=True), grey)
+        for op, other in enumerate(blend_with):
+            factor = params[:, op].view(-1, 1, 1, 1).to(images.dtype)
+            blended = (factor * images + (1 - factor) * other).clamp(0, 255)
+            chosen = (orders[:, position] == op).view(-1, 1, 1, 1)
+            images = torch.where(chosen, blended, images)
+    return images
 
 
 class DeviceNormalize:
-    """uint8 (N, 3, H, W) from the train loader -> float normalised with the model's mean
-    and std, on the batch's device."""
+    """uint8 or 0..255 float (N, 3, H, W) -> float normalised with the model's mean and std,
+    on the batch's device."""
 
     def __init__(self, mean, std, device):
         self.scale = (255.0 * torch.tensor(std, device=device)).view(1, 3, 1, 1)
@@ -96,6 +143,32 @@ class DeviceNormalize:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.shift) / self.scale
+
+
+class DeviceTransform:
+    """The device half of the train transform, on whole batches from the train loader:
+    colour jitter (strong), normalisation to the model's mean and std, random erasing (strong).
+
+        device_transform = DeviceTransform(data_config, config.augment, accelerator.device)
+        images = device_transform(batch)  # batch["pixel_values"]: uint8 (N, 3, H, W)
+    """
+
+    def __init__(self, data_config: dict, augment: str, device):
+        self.normalize = DeviceNormalize(data_config["mean"], data_config["std"], device)
+        self.erase = None
+        if augment == "strong":
+            from timm.data.random_erasing import RandomErasing
+
+            self.erase = RandomErasing(**RANDOM_ERASING, device=device)
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        images = batch["pixel_values"].float()
+        if "color_jitter" in batch:
+            images = apply_color_jitter(images, batch["color_jitter"])
+        images = self.normalize(images)
+        if self.erase is not None:
+            images = self.erase(images)
+        return images
 
 
 def build_eval_transform(data_config: dict):
@@ -130,9 +203,11 @@ def batch_transform(transform, min_side: int | None = None):
     """
 
     def apply(batch: dict) -> dict:
-        return {
-            "pixel_values": [transform(open_rgb(x, min_side)) for x in batch["image"]],
-            "label": batch["label"],
-        }
+        outputs = [transform(open_rgb(x, min_side)) for x in batch["image"]]
+        if outputs and isinstance(outputs[0], dict):  # e.g. strong: pixels + colour jitter factors
+            columns = {key: [output[key] for output in outputs] for key in outputs[0]}
+        else:
+            columns = {"pixel_values": outputs}
+        return {**columns, "label": batch["label"]}
 
     return apply

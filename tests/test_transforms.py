@@ -16,9 +16,12 @@ from pet_pipeline.data import load_pets
 from pet_pipeline.errors import UserError
 from pet_pipeline.loader import EpochSeededSampler, PetTorchDataset
 from pet_pipeline.transforms import (
+    COLOR_JITTER,
     DeviceNormalize,
+    DeviceTransform,
+    DrawColorJitter,
+    apply_color_jitter,
     batch_transform,
-    build_batch_augment,
     build_eval_transform,
     build_train_transform,
     decode_size,
@@ -104,14 +107,19 @@ def test_presets_match_the_config_choices():
     assert set(built) | {"none"} == set(AUGMENT_PRESETS)
 
 
+def pixels(output) -> torch.Tensor:
+    """The image of a train transform's output (strong adds its colour jitter factors)."""
+    return output["pixel_values"] if isinstance(output, dict) else output
+
+
 @pytest.mark.parametrize("augment", AUGMENT_PRESETS)
 def test_every_preset_gives_a_uint8_tensor_of_the_input_size(coatnet_config, augment):
-    """Workers send uint8; DeviceNormalize turns it into the model's input on the device."""
+    """Workers send uint8; DeviceTransform turns it into the model's input on the device."""
     transform = build_train_transform(coatnet_config, augment)
     for seed in range(3):
-        x = transform(textured_image(seed=seed))
+        x = pixels(transform(textured_image(seed=seed)))
         assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.uint8
-    x = transform(Image.new("RGB", (SIZE // 2, SIZE * 3), (10, 200, 30)))  # small and thin
+    x = pixels(transform(Image.new("RGB", (SIZE // 2, SIZE * 3), (10, 200, 30))))  # small and thin
     assert x.shape == (3, SIZE, SIZE)
 
 
@@ -136,21 +144,77 @@ def test_device_normalize_matches_torchvision(coatnet_config):
 
 
 def test_strong_erases_patches_on_the_batch(coatnet_config):
-    assert build_batch_augment("standard", "cpu") is None
-    erase = build_batch_augment("strong", "cpu")
+    mid_grey = {"pixel_values": torch.full((64, 3, SIZE, SIZE), 128, dtype=torch.uint8)}
+    standard = DeviceTransform(coatnet_config, "standard", "cpu")(mid_grey)
+    assert torch.allclose(standard, torch.full_like(standard, 0.5 / 127.5))  # normalised only
     torch.manual_seed(0)
     random.seed(0)
-    batch = torch.zeros(64, 3, SIZE, SIZE)
-    erased = erase(batch.clone())
-    changed = (erased != 0).flatten(1).any(1).float().mean().item()
+    erased = DeviceTransform(coatnet_config, "strong", "cpu")(mid_grey)
+    changed = (erased != standard).flatten(1).any(1).float().mean().item()
     assert 0.05 < changed < 0.5  # probability 0.25 per image
+
+
+def torchvision_jitter(image: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """One 0..255 image jittered by torchvision's functional ops, in the order params name."""
+    import itertools
+
+    import torchvision.transforms.functional as F
+
+    ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+    x = image / 255
+    for op in list(itertools.permutations(range(3)))[int(params[3])]:
+        x = ops[op](x, float(params[op]))
+    return x * 255
+
+
+def test_device_colour_jitter_matches_torchvision_per_image():
+    images = torch.rand(12, 3, 8, 10) * 255
+    params = torch.cat([torch.empty(12, 3).uniform_(0.6, 1.4),
+                        torch.arange(12).remainder(6).float()[:, None]], dim=1)  # every order
+    ours = apply_color_jitter(images, params)
+    for image, p, result in zip(images, params, ours):
+        torch.testing.assert_close(result, torchvision_jitter(image, p), atol=1e-2, rtol=1e-4)  # of 255
+    assert not torch.allclose(ours, images, atol=1.0)
+
+
+def test_colour_jitter_order_matters_and_is_per_image():
+    """Same factors, two orders: the results differ (contrast then brightness is not
+    brightness then contrast), so a batch-wide order would be a different augmentation."""
+    image = torch.rand(1, 3, 8, 8) * 255
+    params = torch.tensor([[1.4, 0.6, 1.3, 0.0], [1.4, 0.6, 1.3, 5.0]])
+    ours = apply_color_jitter(image.expand(2, -1, -1, -1), params)
+    assert not torch.allclose(ours[0], ours[1], atol=1e-2)
+
+
+def test_colour_jitter_factors_are_drawn_per_sample_in_range():
+    torch.manual_seed(0)
+    draws = torch.stack([DrawColorJitter(COLOR_JITTER)(torch.zeros(3, 2, 2))["color_jitter"]
+                         for _ in range(600)])
+    factors, orders = draws[:, :3], draws[:, 3]
+    assert factors.min() >= 1 - COLOR_JITTER and factors.max() <= 1 + COLOR_JITTER
+    assert factors.std(dim=0).min() > 0.15  # uniform on [0.6, 1.4] has std 0.23
+    assert set(orders.long().tolist()) == set(range(6))
+
+
+def test_strong_jitters_colours_on_the_device(coatnet_config):
+    """The strong batch carries its factors; with them the device output changes colour."""
+    image = Image.fromarray(np.full((40, 40, 3), (150, 90, 40), dtype=np.uint8))
+    torch.manual_seed(0)
+    outputs = [build_train_transform(coatnet_config, "strong")(image) for _ in range(8)]
+    batch = {key: torch.stack([o[key] for o in outputs]) for key in outputs[0]}
+    assert batch["color_jitter"].shape == (8, 4)
+    device = DeviceTransform(coatnet_config, "strong", "cpu")
+    device.erase = None  # look at the colours only
+    jittered = device(batch)
+    plain = device({"pixel_values": batch["pixel_values"]})
+    assert (jittered - plain).abs().flatten(1).amax(1).gt(0.02).float().mean() > 0.7
 
 
 def test_standard_and_strong_are_random(coatnet_config):
     image = textured_image()
     for augment in ("standard", "strong"):
         transform = build_train_transform(coatnet_config, augment)
-        outputs = [transform(image) for _ in range(4)]
+        outputs = [pixels(transform(image)) for _ in range(4)]
         assert any(not torch.equal(outputs[0], o) for o in outputs[1:]), augment
 
 
@@ -161,10 +225,10 @@ def test_preset_contents(coatnet_config):
     assert "RandAugment" in strong and "mmax=9" in strong
 
 
-def test_strong_preset_has_colour_jitter(coatnet_config):
+def test_strong_preset_defers_colour_jitter_to_the_device(coatnet_config):
     strong = build_train_transform(coatnet_config, "strong")
-    jitters = [t for t in strong.transforms if isinstance(t, T.ColorJitter)]
-    assert jitters and jitters[0].brightness is not None
+    assert isinstance(strong.transforms[-1], DrawColorJitter)
+    assert not any(isinstance(t, T.ColorJitter) for t in strong.transforms)  # not twice
 
 
 def test_decode_size(coatnet_config):
@@ -194,6 +258,8 @@ def test_same_epoch_and_index_give_the_same_augmentation(cat_pets, coatnet_confi
         assert first["index"] == second["index"] == index
         assert first["label"] == second["label"] == cat_pets.train[index]["label"]
         assert torch.equal(first["pixel_values"], second["pixel_values"]), index
+        if augment == "strong":
+            assert torch.equal(first["color_jitter"], second["color_jitter"]), index
 
 
 def test_another_epoch_or_seed_gives_another_augmentation(cat_pets, coatnet_config):
