@@ -167,7 +167,7 @@ def train(config: Config) -> int:
     scheduler = build_scheduler(optimizer, name=config.scheduler, total_steps=total_steps,
                                 warmup_steps=round(config.warmup_epochs * steps_per_epoch),
                                 min_lr=config.min_lr, steps_per_epoch=steps_per_epoch)
-    class_weights = (balanced_class_weights(pets.train["label"], len(class_names)).to(accelerator.device)
+    class_weights = (balanced_class_weights(pets.train["label"][:], len(class_names)).to(accelerator.device)
                      if config.class_weights == "balanced" else None)
     loss_fn = build_loss(label_smoothing=config.label_smoothing, class_weights=class_weights,
                          mixing=mixing)

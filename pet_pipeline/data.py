@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 from datasets import ClassLabel, Features, Value
 
 from pet_pipeline.breeds import BREEDS, SPECIES_NAMES, kept_breeds, official_name
@@ -192,7 +193,8 @@ def stratified_split(ds: datasets.Dataset, val_fraction: float, seed: int):
     """(train, val) of `ds`, stratified by label and reproducible for a seed."""
     if val_fraction == 0:
         return ds, None
-    counts = Counter(ds["label"])
+    labels = ds["label"][:]  # a list; iterating a datasets Column formats row by row
+    counts = Counter(labels)
     names = ds.features["label"].names
     too_few = [names[k] for k in range(len(names)) if counts.get(k, 0) < 2]
     if too_few:
@@ -206,8 +208,13 @@ def stratified_split(ds: datasets.Dataset, val_fraction: float, seed: int):
             f"val_fraction: {val_fraction} gives {n_val} validation images for {len(names)} "
             "classes; a stratified split needs at least one per class, so raise or zero it."
         )
-    parts = ds.train_test_split(test_size=n_val, stratify_by_column="label", seed=seed)
-    return parts["train"], parts["test"]
+    # scikit-learn on the label list (~15 ms for the 3,680 trainval images), then two
+    # index views; datasets' own train_test_split took ~7x as long
+    from sklearn.model_selection import train_test_split
+
+    train_rows, val_rows = train_test_split(
+        np.arange(len(ds)), test_size=n_val, stratify=labels, random_state=seed)
+    return ds.select(np.sort(train_rows)), ds.select(np.sort(val_rows))
 
 
 def load_pets(
@@ -258,12 +265,12 @@ def _cache_key(ds: datasets.Dataset, short_side: int) -> str:
     digest = hashlib.sha256(f"v1-{short_side}".encode())
     first_path = images[0]["image"]["path"] if len(images) else None  # one row, not the column
     if first_path and os.path.isfile(first_path):  # a local folder: ids, paths, sizes, times
-        for record in images.select_columns("image")["image"]:
+        for record in images.select_columns("image")["image"][:]:
             stat = os.stat(record["path"])
             digest.update(f"{record['path']}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     else:  # a Hub dataset: its fingerprint follows its files
         digest.update(ds._fingerprint.encode())
-    digest.update(json.dumps(list(ds["image_id"])).encode())
+    digest.update(json.dumps(ds["image_id"][:]).encode())
     return digest.hexdigest()[:20]
 
 

@@ -181,7 +181,7 @@ def evaluate_and_report(model, loader, accelerator, *, dataset, class_names: lis
     if not accelerator.is_main_process:
         return None
     out_dir = Path(out_dir)
-    image_ids = dataset["image_id"]
+    image_ids = dataset["image_id"][:]
     metrics = write_report(out_dir, predictions, class_names, image_ids)
     matrix = confusion_matrix(predictions.labels, predictions.predicted, labels=list(range(len(class_names))))
     plot_confusion_matrix(matrix, class_names, out_dir / "confusion_matrix.png")
