@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file
 from timm.data import Mixup
 from timm.utils import ModelEmaV3
@@ -97,6 +97,8 @@ def train(config: Config) -> int:
         # our schedule counts optimizer steps itself, whatever the number of processes
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if config.compile else "no",
+        # batches from pinned memory go to the GPU asynchronously, overlapping the step
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
 
     def print0(message: str) -> None:  # once per job; tqdm.write keeps the progress bar intact

@@ -98,7 +98,7 @@ class DrawColorJitter:
 
     Draws from torch's generator, which the loader seeds for every sample, so the factors
     are a function of (seed, epoch, index) like the rest of the augmentation.
-    `apply_color_jitter` applies them to the batch on the device.
+    `DeviceColorJitter` applies them to the batch on the device.
     """
 
     def __init__(self, strength: float):
@@ -113,24 +113,33 @@ class DrawColorJitter:
         return f"{type(self).__name__}(brightness=contrast=saturation={self.strength}, on the device)"
 
 
-def apply_color_jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+class DeviceColorJitter:
     """Brightness, contrast and saturation per image, each in its own order, on a batch.
 
-    images: float (N, 3, H, W) in 0..255; params: (N, 4) from `DrawColorJitter` (the three
-    factors, then the index of the order). The arithmetic of torchvision's ColorJitter on
-    tensors (blend with black, the mean grey, the grey image), without a host-device sync.
+        jitter = DeviceColorJitter(device)
+        images = jitter(images, params)  # float (N, 3, H, W) in 0..255; params (N, 4)
+
+    params come from `DrawColorJitter`: the three factors, then the index of the order. The
+    arithmetic of torchvision's ColorJitter on tensors (blend with black, with the mean grey,
+    with the grey image). Its tables live on the device, so a call never waits for the host.
     """
-    orders = torch.tensor(_JITTER_ORDERS, device=images.device)[params[:, 3].long()]
-    grey_weights = torch.tensor(_GREY_WEIGHTS, device=images.device, dtype=images.dtype)
-    for position in range(3):
-        grey = torch.einsum("nchw,c->nhw", images, grey_weights).unsqueeze(1)
-        blend_with = (torch.zeros_like(grey), grey.mean(dim=(1, 2, 3), keepdim=True), grey)
-        for op, other in enumerate(blend_with):
-            factor = params[:, op].view(-1, 1, 1, 1).to(images.dtype)
-            blended = (factor * images + (1 - factor) * other).clamp(0, 255)
-            chosen = (orders[:, position] == op).view(-1, 1, 1, 1)
-            images = torch.where(chosen, blended, images)
-    return images
+
+    def __init__(self, device):
+        self.orders = torch.tensor(_JITTER_ORDERS, device=device)
+        self.grey_weights = torch.tensor(_GREY_WEIGHTS, device=device)
+
+    def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        orders = self.orders[params[:, 3].long()]  # (N, 3): the op at each position
+        grey_weights = self.grey_weights.to(images.dtype)
+        for position in range(3):
+            grey = torch.einsum("nchw,c->nhw", images, grey_weights).unsqueeze(1)
+            blend_with = (torch.zeros_like(grey), grey.mean(dim=(1, 2, 3), keepdim=True), grey)
+            for op, other in enumerate(blend_with):
+                factor = params[:, op].view(-1, 1, 1, 1).to(images.dtype)
+                blended = (factor * images + (1 - factor) * other).clamp(0, 255)
+                chosen = (orders[:, position] == op).view(-1, 1, 1, 1)
+                images = torch.where(chosen, blended, images)
+        return images
 
 
 class DeviceNormalize:
@@ -155,16 +164,17 @@ class DeviceTransform:
 
     def __init__(self, data_config: dict, augment: str, device):
         self.normalize = DeviceNormalize(data_config["mean"], data_config["std"], device)
-        self.erase = None
+        self.jitter = self.erase = None
         if augment == "strong":
             from timm.data.random_erasing import RandomErasing
 
+            self.jitter = DeviceColorJitter(device)
             self.erase = RandomErasing(**RANDOM_ERASING, device=device)
 
     def __call__(self, batch: dict) -> torch.Tensor:
         images = batch["pixel_values"].float()
-        if "color_jitter" in batch:
-            images = apply_color_jitter(images, batch["color_jitter"])
+        if self.jitter is not None:
+            images = self.jitter(images, batch["color_jitter"])
         images = self.normalize(images)
         if self.erase is not None:
             images = self.erase(images)

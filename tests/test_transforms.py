@@ -17,10 +17,10 @@ from pet_pipeline.errors import UserError
 from pet_pipeline.loader import EpochSeededSampler, PetTorchDataset
 from pet_pipeline.transforms import (
     COLOR_JITTER,
+    DeviceColorJitter,
     DeviceNormalize,
     DeviceTransform,
     DrawColorJitter,
-    apply_color_jitter,
     batch_transform,
     build_eval_transform,
     build_train_transform,
@@ -147,9 +147,10 @@ def test_strong_erases_patches_on_the_batch(coatnet_config):
     mid_grey = {"pixel_values": torch.full((64, 3, SIZE, SIZE), 128, dtype=torch.uint8)}
     standard = DeviceTransform(coatnet_config, "standard", "cpu")(mid_grey)
     assert torch.allclose(standard, torch.full_like(standard, 0.5 / 127.5))  # normalised only
+    no_jitter = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(64, 1)  # factors 1: colours kept
     torch.manual_seed(0)
     random.seed(0)
-    erased = DeviceTransform(coatnet_config, "strong", "cpu")(mid_grey)
+    erased = DeviceTransform(coatnet_config, "strong", "cpu")({**mid_grey, "color_jitter": no_jitter})
     changed = (erased != standard).flatten(1).any(1).float().mean().item()
     assert 0.05 < changed < 0.5  # probability 0.25 per image
 
@@ -171,7 +172,7 @@ def test_device_colour_jitter_matches_torchvision_per_image():
     images = torch.rand(12, 3, 8, 10) * 255
     params = torch.cat([torch.empty(12, 3).uniform_(0.6, 1.4),
                         torch.arange(12).remainder(6).float()[:, None]], dim=1)  # every order
-    ours = apply_color_jitter(images, params)
+    ours = DeviceColorJitter("cpu")(images, params)
     for image, p, result in zip(images, params, ours):
         torch.testing.assert_close(result, torchvision_jitter(image, p), atol=1e-2, rtol=1e-4)  # of 255
     assert not torch.allclose(ours, images, atol=1.0)
@@ -182,7 +183,7 @@ def test_colour_jitter_order_matters_and_is_per_image():
     brightness then contrast), so a batch-wide order would be a different augmentation."""
     image = torch.rand(1, 3, 8, 8) * 255
     params = torch.tensor([[1.4, 0.6, 1.3, 0.0], [1.4, 0.6, 1.3, 5.0]])
-    ours = apply_color_jitter(image.expand(2, -1, -1, -1), params)
+    ours = DeviceColorJitter("cpu")(image.expand(2, -1, -1, -1), params)
     assert not torch.allclose(ours[0], ours[1], atol=1e-2)
 
 
@@ -206,7 +207,7 @@ def test_strong_jitters_colours_on_the_device(coatnet_config):
     device = DeviceTransform(coatnet_config, "strong", "cpu")
     device.erase = None  # look at the colours only
     jittered = device(batch)
-    plain = device({"pixel_values": batch["pixel_values"]})
+    plain = DeviceTransform(coatnet_config, "standard", "cpu")(batch)  # normalised only
     assert (jittered - plain).abs().flatten(1).amax(1).gt(0.02).float().mean() > 0.7
 
 
@@ -221,6 +222,7 @@ def test_standard_and_strong_are_random(coatnet_config):
 def test_preset_contents(coatnet_config):
     standard = repr(build_train_transform(coatnet_config, "standard"))
     assert "RandomResizedCrop" in standard and "RandomHorizontalFlip" in standard
+    assert "interpolation=bilinear)" in standard  # TRAIN_INTERPOLATION, not the eval bicubic
     strong = repr(build_train_transform(coatnet_config, "strong"))
     assert "RandAugment" in strong and "mmax=9" in strong
 
