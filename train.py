@@ -53,6 +53,7 @@ from pet_pipeline.plots import plot_training_curves
 from pet_pipeline.preemption import PREEMPTED_EXIT_CODE, StopFlag
 from pet_pipeline.tracking import (
     MetricsLog,
+    PhaseClock,
     choose_wandb_mode,
     init_trackers,
     new_run_id,
@@ -70,6 +71,7 @@ from pet_pipeline.transforms import (
 
 
 def train(config: Config) -> int:
+    clock = PhaseClock()  # where the wall time goes, logged and printed at the end
     out = Path(config.output_dir)
     # ------------------------------------------------------------------ checks before heavy work
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -227,7 +229,8 @@ def train(config: Config) -> int:
         # epochs without improvement (torch's ReduceLROnPlateau inside timm's wrapper)
         state["scheduler"] = (json_safe(scheduler.lr_scheduler.state_dict())
                               if config.scheduler == "plateau" else None)
-        path = save_checkpoint(accelerator, out, state, ema=ema, keep=config.keep_checkpoints)
+        with clock.phase("checkpoints"):
+            path = save_checkpoint(accelerator, out, state, ema=ema, keep=config.keep_checkpoints)
         print0(f"checkpoint: {path}")
 
     effective_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
@@ -263,6 +266,7 @@ def train(config: Config) -> int:
     progress = tqdm(total=total_steps, initial=state["global_step"], unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     t_last, images_since = time.perf_counter(), 0
+    clock.seconds["setup"] = clock.elapsed()  # data, model, resume: everything before step 1
     while state["epoch"] < config.epochs and not state["finished"]:
         train_loader.set_epoch(state["epoch"])
         batches = train_loader
@@ -319,7 +323,8 @@ def train(config: Config) -> int:
 
         # -------------------------------------------------------------- validation
         if val_loader is not None:
-            val_predictions = predict(eval_model, val_loader, accelerator, should_stop=should_stop)
+            with clock.phase("validation"):
+                val_predictions = predict(eval_model, val_loader, accelerator, should_stop=should_stop)
             if val_predictions is None:
                 progress.close()
                 return stop_on_signal()
@@ -329,9 +334,10 @@ def train(config: Config) -> int:
             if improved:
                 state["best_accuracy"], state["epochs_since_best"] = accuracy, 0
                 if accelerator.is_main_process:  # keep the best weights as the exported model
-                    export_model(unwrapped(eval_model), out / "model",
-                                 model_name=config.model, class_names=class_names,
-                                 data_config=data_config)
+                    with clock.phase("checkpoints"):
+                        export_model(unwrapped(eval_model), out / "model",
+                                     model_name=config.model, class_names=class_names,
+                                     data_config=data_config)
             else:
                 state["epochs_since_best"] += 1
             log({"step": state["global_step"], "epoch": state["epoch"], "val_accuracy": accuracy,
@@ -357,10 +363,11 @@ def train(config: Config) -> int:
     accelerator.wait_for_everyone()
     best_weights = load_file(str(out / "model" / "model.safetensors"))  # to CPU, then copied
     unwrapped(eval_model).load_state_dict(best_weights)
-    test_metrics = evaluate_and_report(
-        eval_model, test_loader, accelerator, dataset=pets.test, class_names=class_names,
-        data_config=data_config, out_dir=out / "eval", step=state["global_step"],
-        gradcam_images=config.gradcam_images, should_stop=should_stop)
+    with clock.phase("test evaluation and report"):
+        test_metrics = evaluate_and_report(
+            eval_model, test_loader, accelerator, dataset=pets.test, class_names=class_names,
+            data_config=data_config, out_dir=out / "eval", step=state["global_step"],
+            gradcam_images=config.gradcam_images, should_stop=should_stop)
     if test_metrics is STOPPED:  # the last checkpoint is complete: a rerun only re-evaluates
         accelerator.end_training()
         return PREEMPTED_EXIT_CODE
@@ -370,6 +377,11 @@ def train(config: Config) -> int:
         plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "training_curves.png")
         print0(f"test accuracy {test_metrics['accuracy']:.4f} on {test_metrics['n']} images;"
                f" report in {out / 'eval'}")
+    timing = clock.summary()  # this process, from train() on (imports not counted)
+    if accelerator.is_main_process:
+        log({"step": state["global_step"], **timing})
+        print0("time: " + ", ".join(f"{key[5:-2].replace('_', ' ')} {seconds:.1f} s"
+                                    for key, seconds in timing.items()))
     hint = wandb_sync_hint(accelerator) if accelerator.is_main_process else None
     accelerator.end_training()
     if hint:

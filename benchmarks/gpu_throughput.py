@@ -177,6 +177,11 @@ def main() -> None:
         metrics = json.loads((out / "eval/metrics.json").read_text())
         report("finetune_wall_s", wall, "s")
         report("finetune_test_accuracy", metrics["accuracy"], "")
+        # train.py's own account of the wall time (from its start, imports not included)
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        for key, seconds in next((r for r in records if "time/total_s" in r), {}).items():
+            if key.startswith("time/"):
+                report(f"finetune_{key[5:]}", seconds, "s")
     # compilation last: the slowest part, and the one a time limit should cut first
     if "compile" not in args.skip:
         report("model_only_compiled", model_only(args, True))

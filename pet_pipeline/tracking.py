@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -90,3 +92,34 @@ class MetricsLog:
 
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class PhaseClock:
+    """Where a run's wall time went: named phases timed with `phase`, the rest is training.
+
+        clock = PhaseClock()
+        with clock.phase("validation"):
+            ...
+        clock.summary()  # {"time/setup_s": ..., "time/training_s": ..., "time/total_s": ...}
+    """
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def summary(self) -> dict[str, float]:
+        total = self.elapsed()
+        training = total - sum(self.seconds.values())
+        phases = {**self.seconds, "training": training, "total": total}
+        return {f"time/{name.replace(' ', '_')}_s": round(seconds, 3) for name, seconds in phases.items()}

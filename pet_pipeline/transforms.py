@@ -130,15 +130,19 @@ class DeviceColorJitter:
 
     def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         orders = self.orders[params[:, 3].long()]  # (N, 3): the op at each position
-        grey_weights = self.grey_weights.to(images.dtype)
+        factors = params[:, :3].gather(1, orders).to(images.dtype)  # (N, 3): its factor
+        grey_weights = self.grey_weights.to(images.dtype).view(1, 3, 1, 1)
+        images = images.clone()  # the caller's tensor stays as it was
         for position in range(3):
-            grey = torch.einsum("nchw,c->nhw", images, grey_weights).unsqueeze(1)
-            blend_with = (torch.zeros_like(grey), grey.mean(dim=(1, 2, 3), keepdim=True), grey)
-            for op, other in enumerate(blend_with):
-                factor = params[:, op].view(-1, 1, 1, 1).to(images.dtype)
-                blended = (factor * images + (1 - factor) * other).clamp(0, 255)
-                chosen = (orders[:, position] == op).view(-1, 1, 1, 1)
-                images = torch.where(chosen, blended, images)
+            op = orders[:, position].view(-1, 1, 1, 1)
+            grey = (images * grey_weights).sum(dim=1, keepdim=True)  # (N, 1, H, W)
+            # what each image blends with: black (brightness), its mean grey (contrast) or
+            # its grey image (saturation)
+            mean_grey = grey.mean(dim=(2, 3), keepdim=True)
+            other = torch.where(op == 2, grey, torch.where(op == 1, mean_grey, 0.0))
+            factor = factors[:, position].view(-1, 1, 1, 1)
+            # factor * images + (1 - factor) * other, in place
+            images = images.sub_(other).mul_(factor).add_(other).clamp_(0, 255)
         return images
 
 

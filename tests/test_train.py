@@ -89,6 +89,14 @@ def test_end_to_end_learns_writes_every_output_and_logs_wandb_offline(tmp_path, 
     test_metrics = json.loads((out / "eval/metrics.json").read_text())
     assert test_metrics["n"] == 96 and test_metrics["accuracy"] > 0.5
 
+    # where the time went: every phase, none negative, adding up to the total
+    (timing,) = [r for r in records if "time/total_s" in r]
+    phases = ["setup", "training", "validation", "checkpoints", "test_evaluation_and_report"]
+    assert all(timing[f"time/{name}_s"] > 0 for name in phases), timing
+    assert sum(timing[f"time/{name}_s"] for name in phases) == pytest.approx(
+        timing["time/total_s"], abs=0.01)
+    assert "time: setup" in result.stdout
+
     # the exported model loads with plain timm and gives the same outputs as ours
     import timm
 
@@ -189,7 +197,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_result(tmp_path, env):
         torch.testing.assert_close(final_resumed[key], final_straight[key], rtol=1e-5, atol=1e-6)
 
     def after_stop(out):
-        return [{k: v for k, v in r.items() if k != "images_per_s"}
+        return [{k: v for k, v in r.items() if k != "images_per_s" and not k.startswith("time/")}
                 for r in read_metrics(out / "metrics.jsonl") if r["step"] > stop_step]
 
     resumed_records, straight_records = after_stop(stopped), after_stop(straight)
