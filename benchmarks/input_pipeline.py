@@ -212,33 +212,6 @@ def time_pass(loader: DataLoader, epoch: int, warmup_batches: int, measure_batch
     return images, seconds
 
 
-def _posterize_at_least_1_bit(img, bits_to_keep, **kwargs):
-    return _unsafe_posterize(img, max(1, bits_to_keep), **kwargs)
-
-
-_unsafe_posterize = None
-
-
-def guard_posterize(transform) -> int:
-    """Work around timm 1.0 + recent Pillow (13.0 here): RandAugment's PosterizeIncreasing at magnitude 10
-    (m9, mstd0.5 reaches it ~2% of the times it is drawn) asks for 0 bits, which Pillow now
-    refuses with ValueError: about 1 image in 600 would end the benchmark (and a training epoch).
-    Patches only ops that fail, so it does nothing once pet_pipeline guards them itself.
-    Returns the number of ops patched."""
-    global _unsafe_posterize
-    probe, patched = Image.new("RGB", (4, 4)), 0
-    for step in getattr(transform, "transforms", []):
-        for op in getattr(step, "ops", []):
-            if "Posterize" not in getattr(op, "name", "") or op.aug_fn is _posterize_at_least_1_bit:
-                continue
-            try:
-                op.aug_fn(probe, 0)
-            except ValueError:
-                _unsafe_posterize, op.aug_fn = op.aug_fn, _posterize_at_least_1_bit
-                patched += 1
-    return patched
-
-
 # ----------------------------------------------------------------------------- per-stage profile
 
 STAGE_NAMES = {"RandomResizedCropAndInterpolation": "RandomResizedCrop", "MaybeToTensor": "ToTensor",
@@ -421,9 +394,6 @@ def main(argv: list[str] | None = None) -> None:
               f" first {pets.skipped[0]}")
     data_config = model_data_config(MODEL, IMAGE_SIZE)
     train_transform = build_train_transform(data_config, AUGMENT)
-    if guard_posterize(train_transform):
-        print("note: RandAugment's Posterize raises ValueError at 0 bits with this Pillow (~1 image in 600);"
-              " clamped to 1 bit here so the benchmark can run. pet_pipeline should guard it too.")
     min_side = decode_size(data_config, AUGMENT)  # None: random crops need the full resolution
     pipelines = {
         "old": old_dataset,
