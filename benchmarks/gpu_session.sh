@@ -2,13 +2,15 @@
 # One prepared session on a lent GPU machine (torch, timm, accelerate preinstalled; no network).
 # Installs the wheels that ../shared/tools/device-wheels.sh put in .whl/, records the machine,
 # then runs, each part under its own time limit so that a slow part can't take the others:
-#   1. gpu_throughput.py: model-only bound, bf16 train.py, old settings, 10-epoch fine-tune
-#   2. loop_overhead.py on the GPU
-#   3. input_pipeline.py with up to 16 workers
-#   4. gpu_throughput.py, the torch.compile part
+#   1. gpu_throughput.py, the 10-epoch cats fine-tune (wall time, and train.py's own account
+#      of where it went): first, because no earlier session got to measure it
+#   2. gpu_throughput.py: model-only bound, bf16 train.py, old settings
+#   3. input_pipeline.py with up to 15 workers
+#   4. loop_overhead.py on the GPU
+#   5. gpu_throughput.py, the torch.compile part
 # Usage: bash benchmarks/gpu_session.sh OUT_DIR [--tiny]   (--tiny: a CPU rehearsal)
-# The parts' limits add up to ~10 minutes: on 2026-11-28 an H200 session with 8 minutes
-# in all lost the fine-tune wall time, the GPU loop overhead and compile to their limits.
+# The parts' limits add up to 590 s: on 2026-11-28 an H200 session with 8 minutes in all
+# lost the fine-tune wall time, the GPU loop overhead and compile to their limits.
 set -uo pipefail
 out=${1:?output folder}; shift
 tiny=${1:-}
@@ -37,17 +39,19 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, keep its log
 }
 
 if [ "$tiny" = "--tiny" ]; then
-  part throughput 400 $py benchmarks/gpu_throughput.py --tiny --skip compile --work-dir /tmp/gpu-bench --json "$out/gpu_throughput.json"
-  part loop_overhead 200 $py benchmarks/loop_overhead.py --repeats 1 --steps 20 --log-every 5 --json "$out/loop_overhead.json"
+  part finetune 300 $py benchmarks/gpu_throughput.py --tiny --skip eager old compile --work-dir /tmp/gpu-bench --json "$out/gpu_finetune.json"
+  part throughput 300 $py benchmarks/gpu_throughput.py --tiny --skip finetune compile --work-dir /tmp/gpu-bench --json "$out/gpu_throughput.json"
   part input_pipeline 200 $py benchmarks/input_pipeline.py --sample-dir .bench-sample --images 200 --measure-images 128 --workers 0 1 --work-dir /tmp/gpu-bench/input --json "$out/input_pipeline.json"
+  part loop_overhead 200 $py benchmarks/loop_overhead.py --repeats 1 --steps 20 --log-every 5 --json "$out/loop_overhead.json"
   exit 0
 fi
-part throughput 300 $py benchmarks/gpu_throughput.py --skip compile --work-dir /tmp/gpu-bench --json "$out/gpu_throughput.json"
+part finetune 180 $py benchmarks/gpu_throughput.py --skip eager old compile --work-dir /tmp/gpu-bench --json "$out/gpu_finetune.json"
 cp -r /tmp/gpu-bench/finetune/eval "$out/finetune_eval" 2>/dev/null
 cp /tmp/gpu-bench/finetune/metrics.jsonl /tmp/gpu-bench/finetune/stdout.txt /tmp/gpu-bench/finetune/training_curves.png "$out/" 2>/dev/null
-part loop_overhead 110 $py benchmarks/loop_overhead.py --model coatnet_0_rw_224 --image-size 224 --batch-size 128 --mixed-precision bf16 --steps 25 --log-every 5 --num-workers 12 --images-per-class 200 --repeats 1 --json "$out/loop_overhead.json"
+part throughput 150 $py benchmarks/gpu_throughput.py --skip finetune compile --work-dir /tmp/gpu-bench --json "$out/gpu_throughput.json"
 sample=.bench-sample  # the real Oxford sample, carried to the machine (not in git); else generated
 [ -d "$sample" ] && pick=(--sample-dir "$sample") || pick=(--generated)
 part input_pipeline 60 $py benchmarks/input_pipeline.py "${pick[@]}" --images 2000 --measure-images 1024 --workers 0 4 8 15 --work-dir /tmp/gpu-bench/input --json "$out/input_pipeline.json"
-part compile 120 $py benchmarks/gpu_throughput.py --skip eager old finetune --work-dir /tmp/gpu-bench --json "$out/gpu_throughput_compile.json"
+part loop_overhead 90 $py benchmarks/loop_overhead.py --model coatnet_0_rw_224 --image-size 224 --batch-size 128 --mixed-precision bf16 --steps 25 --log-every 5 --num-workers 12 --images-per-class 200 --repeats 1 --json "$out/loop_overhead.json"
+part compile 110 $py benchmarks/gpu_throughput.py --skip eager old finetune --work-dir /tmp/gpu-bench --json "$out/gpu_throughput_compile.json"
 true

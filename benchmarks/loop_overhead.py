@@ -34,6 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def cache_dir(work: Path) -> str:
+    """The caller's PET_PIPELINE_CACHE (generated data made once per session), else a fresh one."""
+    return os.environ.get("PET_PIPELINE_CACHE") or str(work / "cache")
+
+
 def run_ours(args, work: Path) -> float:
     """images/s of train.py over the logged intervals after the first (warm-up) one."""
     out = work / f"ours-{time.time_ns()}"
@@ -48,7 +53,7 @@ def run_ours(args, work: Path) -> float:
         "--augment", "none", "--report_to", "none", "--resume", "none",
         "--mixed_precision", args.mixed_precision, "--output_dir", str(out),
     ]
-    env = {**os.environ, "PET_PIPELINE_CACHE": str(work / "cache")}
+    env = {**os.environ, "PET_PIPELINE_CACHE": cache_dir(work)}
     subprocess.run(command, check=True, env=env, capture_output=True, text=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["images_per_s"] for r in records if "images_per_s" in r][1:]
@@ -64,7 +69,7 @@ def run_plain(args, work: Path) -> float:
     from pet_pipeline.model import build_model
     from pet_pipeline.transforms import build_eval_transform, decode_size, model_data_config
 
-    os.environ["PET_PIPELINE_CACHE"] = str(work / "cache")
+    os.environ["PET_PIPELINE_CACHE"] = cache_dir(work)
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pets = load_pets(dataset="synthetic", species="all", val_fraction=0,
