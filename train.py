@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from pet_pipeline.breeds import kept_breeds
 from pet_pipeline.checkpoint import (
     check_compatible,
+    check_same_split,
     find_resume_checkpoint,
     json_safe,
     load_checkpoint,
@@ -43,7 +44,7 @@ from pet_pipeline.checkpoint import (
     save_checkpoint,
 )
 from pet_pipeline.config import Config, load_config, save_config, to_dict
-from pet_pipeline.data import load_pets, pre_resize
+from pet_pipeline.data import load_pets, pre_resize, split_fingerprint
 from pet_pipeline.errors import UserError, exit_with
 from pet_pipeline.evaluation import STOPPED, compute_metrics, evaluate_and_report, predict
 from pet_pipeline.loader import PetTorchDataset, build_dataloader, default_num_workers
@@ -99,7 +100,7 @@ def train(config: Config) -> int:
         # our schedule counts optimizer steps itself, whatever the number of processes
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if config.compile else "no",
-        # batches from pinned memory go to the GPU asynchronously, overlapping the step
+        # batches from pinned memory are copied to the GPU without the host waiting for it
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
 
@@ -123,6 +124,9 @@ def train(config: Config) -> int:
             synthetic_images_per_class=config.synthetic_images_per_class,
             synthetic_image_size=config.synthetic_image_size,
         )
+    split = split_fingerprint(pets)  # a resumed run must train and select on the same images
+    if checkpoint is not None:
+        check_same_split(read_train_state(checkpoint), split, checkpoint=checkpoint)
     processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     num_workers = (config.num_workers if config.num_workers is not None
                    else default_num_workers(processes_per_node))
@@ -195,7 +199,7 @@ def train(config: Config) -> int:
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_accuracy": None,
         "epochs_since_best": 0, "loss_sum": 0.0, "loss_count": 0, "finished": False,
         "wandb_run_id": new_run_id(), "model": config.model, "class_names": class_names,
-        "scheduler": None, "data_config": data_config,
+        "scheduler": None, "data_config": data_config, "split": split,
     }
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, ema=ema)
@@ -211,6 +215,16 @@ def train(config: Config) -> int:
     def log(record: dict) -> None:
         metrics_log.write(record)
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def log_timing() -> None:
+        """Where this process's wall time went, from train() on (imports not counted; a
+        resumed run accounts for its own process only). training is the rest: the loop
+        itself, with worker start-up and any compilation."""
+        timing = clock.summary()
+        if accelerator.is_main_process:
+            log({"step": state["global_step"], **timing})
+            print0("time: " + ", ".join(f"{key[5:-2].replace('_', ' ')} {seconds:.1f} s"
+                                        for key, seconds in timing.items()))
 
     running_loss = torch.zeros((), device=accelerator.device)  # summed over micro-batches
     running_micro_batches = 0
@@ -259,6 +273,7 @@ def train(config: Config) -> int:
     def stop_on_signal() -> int:
         print0(f"stopping on {stop.signal_name or 'a signal'} at step {state['global_step']}")
         checkpoint_now()
+        log_timing()
         accelerator.end_training()
         print0(f"rerun the same command to resume (exit status {PREEMPTED_EXIT_CODE})")
         return PREEMPTED_EXIT_CODE
@@ -356,32 +371,28 @@ def train(config: Config) -> int:
     progress.close()
 
     # ------------------------------------------------------------------ final evaluation
-    if val_loader is None or not (out / "model" / "model.safetensors").is_file():
-        if accelerator.is_main_process:  # no validation split: the last weights are the model
-            export_model(unwrapped(eval_model), out / "model",
-                         model_name=config.model, class_names=class_names, data_config=data_config)
-    accelerator.wait_for_everyone()
-    best_weights = load_file(str(out / "model" / "model.safetensors"))  # to CPU, then copied
-    unwrapped(eval_model).load_state_dict(best_weights)
     with clock.phase("test evaluation and report"):
+        if val_loader is None or not (out / "model" / "model.safetensors").is_file():
+            if accelerator.is_main_process:  # no validation split: the last weights are the model
+                export_model(unwrapped(eval_model), out / "model", model_name=config.model,
+                             class_names=class_names, data_config=data_config)
+        accelerator.wait_for_everyone()
+        best_weights = load_file(str(out / "model" / "model.safetensors"))  # to CPU, then copied
+        unwrapped(eval_model).load_state_dict(best_weights)
         test_metrics = evaluate_and_report(
             eval_model, test_loader, accelerator, dataset=pets.test, class_names=class_names,
             data_config=data_config, out_dir=out / "eval", step=state["global_step"],
             gradcam_images=config.gradcam_images, should_stop=should_stop)
+        if test_metrics is not STOPPED and accelerator.is_main_process:
+            log({"step": state["global_step"], "test_accuracy": test_metrics["accuracy"],
+                 "test_macro_f1": test_metrics["macro_f1"]})
+            plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "training_curves.png")
+            print0(f"test accuracy {test_metrics['accuracy']:.4f} on {test_metrics['n']} images;"
+                   f" report in {out / 'eval'}")
+    log_timing()
     if test_metrics is STOPPED:  # the last checkpoint is complete: a rerun only re-evaluates
         accelerator.end_training()
         return PREEMPTED_EXIT_CODE
-    if accelerator.is_main_process:
-        log({"step": state["global_step"], "test_accuracy": test_metrics["accuracy"],
-             "test_macro_f1": test_metrics["macro_f1"]})
-        plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "training_curves.png")
-        print0(f"test accuracy {test_metrics['accuracy']:.4f} on {test_metrics['n']} images;"
-               f" report in {out / 'eval'}")
-    timing = clock.summary()  # this process, from train() on (imports not counted)
-    if accelerator.is_main_process:
-        log({"step": state["global_step"], **timing})
-        print0("time: " + ", ".join(f"{key[5:-2].replace('_', ' ')} {seconds:.1f} s"
-                                    for key, seconds in timing.items()))
     hint = wandb_sync_hint(accelerator) if accelerator.is_main_process else None
     accelerator.end_training()
     if hint:

@@ -68,6 +68,16 @@ def check_compatible(state: dict, *, model_name: str, class_names: list[str], ch
         )
 
 
+def check_same_split(state: dict, split: str, *, checkpoint: Path) -> None:
+    """Refuse to resume on other train/val images than the checkpoint was trained on."""
+    if state.get("split") != split:
+        raise UserError(
+            f"resume: {checkpoint} was trained on another train/val split (other data, seed, "
+            "val_fraction or breeds, or a pet-pipeline from before 2026-11-28, whose split "
+            "differed); rerun with the settings it was made with, or resume: none."
+        )
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, state: dict, *, ema=None,
                     keep: int = 2) -> Path:
     """Every rank calls this at the same step; returns the final folder."""

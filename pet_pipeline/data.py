@@ -24,6 +24,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 from datasets import ClassLabel, Features, Value
+from sklearn.model_selection import train_test_split
 
 from pet_pipeline.breeds import BREEDS, SPECIES_NAMES, kept_breeds, official_name
 from pet_pipeline.errors import UserError
@@ -210,11 +211,18 @@ def stratified_split(ds: datasets.Dataset, val_fraction: float, seed: int):
         )
     # scikit-learn on the label list (~15 ms for the 3,680 trainval images), then two
     # index views; datasets' own train_test_split took ~7x as long
-    from sklearn.model_selection import train_test_split
-
     train_rows, val_rows = train_test_split(
         np.arange(len(ds)), test_size=n_val, stratify=labels, random_state=seed)
     return ds.select(np.sort(train_rows)), ds.select(np.sort(val_rows))
+
+
+def split_fingerprint(pets: PetData) -> str:
+    """A short hash of which images are in train and which in val."""
+    digest = hashlib.sha256()
+    for name, ds in (("train", pets.train), ("val", pets.val)):
+        ids = sorted(ds["image_id"][:]) if ds is not None else []
+        digest.update(json.dumps([name, ids]).encode())
+    return digest.hexdigest()[:16]
 
 
 def load_pets(

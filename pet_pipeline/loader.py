@@ -74,8 +74,9 @@ def seeded_rng(seed: int):
 class PetTorchDataset(Dataset):
     """A `with_transform` view of a pets `datasets.Dataset` for a DataLoader.
 
-    Items are {"pixel_values", "label", "index"}; "index" lets evaluation map predictions
-    back to image ids. Keys may be plain indices or the sampler's (epoch, index) pairs.
+    Items are {"pixel_values", "label", "index"}, plus "color_jitter" with `augment: strong`
+    (the factors the device applies); "index" lets evaluation map predictions back to image ids.
+    Keys may be plain indices or the sampler's (epoch, index) pairs.
     """
 
     def __init__(self, ds: datasets.Dataset, transform, *, seed: int = 0,

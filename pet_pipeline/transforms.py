@@ -49,7 +49,8 @@ def model_data_config(model_name: str, image_size: int | None = None) -> dict:
 # erasing are not here: they run on the device, on whole batches (`DeviceTransform`).
 AUGMENT_PRESETS = {
     "standard": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=None),
-    "strong": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=None,
+    "strong": dict(scale=(0.08, 1.0), hflip=0.5,
+                   color_jitter=None,  # not here: DrawColorJitter + DeviceColorJitter
                    auto_augment="rand-m9-mstd0.5-mmax9-inc1"),
 }
 # Training crops and RandAugment's rotations, shears and translations interpolate
@@ -63,10 +64,10 @@ RANDOM_ERASING = dict(probability=0.25, mode="pixel")
 
 
 def build_train_transform(data_config: dict, augment: str):
-    """The CPU half of the train transform: PIL image -> augmented uint8 (3, H, W) tensor.
+    """The CPU half of the train transform: PIL image -> augmented uint8 (3, H, W) tensor,
+    or for strong {"pixel_values": that tensor, "color_jitter": the sample's factors}.
 
-    For strong it ends in `DrawColorJitter`, so it returns {"pixel_values": tensor,
-    "color_jitter": the sample's factors}. The device half (`DeviceTransform`) applies the
+    strong ends in `DrawColorJitter`, which adds the factors. The device half (`DeviceTransform`) applies the
     jitter, normalises and erases, on whole batches: PIL colour jitter alone cost ~0.9 ms an
     image in a worker, and uint8 hands over a quarter of the bytes float32 would. `none`
     resizes and crops like the eval transform, without augmentation (what the old script did).
@@ -90,7 +91,7 @@ def build_train_transform(data_config: dict, augment: str):
 
 # The six orders in which brightness (0), contrast (1) and saturation (2) can be applied.
 _JITTER_ORDERS = tuple(itertools.permutations(range(3)))
-_GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and torchvision use
+_GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") (torchvision: 0.2989)
 
 
 class DrawColorJitter:
@@ -121,7 +122,8 @@ class DeviceColorJitter:
 
     params come from `DrawColorJitter`: the three factors, then the index of the order. The
     arithmetic of torchvision's ColorJitter on tensors (blend with black, with the mean grey,
-    with the grey image). Its tables live on the device, so a call never waits for the host.
+    with the grey image), in float32 whatever comes in, without rounding between the ops. Its
+    tables live on the device, so a call never waits for the host.
     """
 
     def __init__(self, device):
@@ -130,9 +132,9 @@ class DeviceColorJitter:
 
     def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         orders = self.orders[params[:, 3].long()]  # (N, 3): the op at each position
-        factors = params[:, :3].gather(1, orders).to(images.dtype)  # (N, 3): its factor
-        grey_weights = self.grey_weights.to(images.dtype).view(1, 3, 1, 1)
-        images = images.clone()  # the caller's tensor stays as it was
+        factors = params[:, :3].gather(1, orders).float()  # (N, 3): its factor
+        grey_weights = self.grey_weights.view(1, 3, 1, 1)
+        images = images.to(torch.float32, copy=True)  # one copy; the caller's stays as it was
         for position in range(3):
             op = orders[:, position].view(-1, 1, 1, 1)
             grey = (images * grey_weights).sum(dim=1, keepdim=True)  # (N, 1, H, W)
@@ -176,9 +178,9 @@ class DeviceTransform:
             self.erase = RandomErasing(**RANDOM_ERASING, device=device)
 
     def __call__(self, batch: dict) -> torch.Tensor:
-        images = batch["pixel_values"].float()
+        images = batch["pixel_values"]  # uint8
         if self.jitter is not None:
-            images = self.jitter(images, batch["color_jitter"])
+            images = self.jitter(images, batch["color_jitter"])  # -> float32
         images = self.normalize(images)
         if self.erase is not None:
             images = self.erase(images)

@@ -19,7 +19,14 @@ from datasets import ClassLabel, Features, Value
 from PIL import Image
 
 from pet_pipeline.breeds import BREEDS, CAT_BREEDS, DOG_BREEDS, kept_breeds
-from pet_pipeline.data import find_pet_root, load_hub, load_pets, parse_annotations, pet_features
+from pet_pipeline.data import (
+    find_pet_root,
+    load_hub,
+    load_pets,
+    parse_annotations,
+    pet_features,
+    split_fingerprint,
+)
 from pet_pipeline.errors import UserError
 from pet_pipeline.images import check_image_file, open_rgb
 from pet_pipeline.loader import PetTorchDataset
@@ -212,6 +219,16 @@ def test_split_is_stratified_reproducible_disjoint_and_leaves_test_alone(split_f
     other = load_pets(seed=8, **kwargs)
     assert set(ids(other.val)) != val
     assert ids(other.test) == test_ids
+
+
+def test_split_fingerprint_follows_the_split_only(split_folder):
+    kwargs = dict(data_dir=str(split_folder), species="cat", val_fraction=0.2,
+                  breeds=["Abyssinian", "Bengal", "Birman", "Sphynx"])  # the cats this folder has
+    fingerprint = split_fingerprint(load_pets(seed=7, **kwargs))
+    assert split_fingerprint(load_pets(seed=7, **kwargs)) == fingerprint
+    assert split_fingerprint(load_pets(seed=8, **kwargs)) != fingerprint
+    assert split_fingerprint(load_pets(seed=7, **{**kwargs, "val_fraction": 0.3})) != fingerprint
+    assert split_fingerprint(load_pets(seed=7, **{**kwargs, "val_fraction": 0})) != fingerprint
 
 
 def test_val_fraction_zero_keeps_all_of_trainval(split_folder):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pet_pipeline.checkpoint import check_compatible, list_checkpoints
+from pet_pipeline.checkpoint import check_compatible, check_same_split, list_checkpoints
 from pet_pipeline.errors import UserError
 from pet_pipeline.model import build_model
 from pet_pipeline.preemption import PREEMPTED_EXIT_CODE
@@ -186,6 +186,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_result(tmp_path, env):
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
+    assert "time: setup" in output  # a stopped run also says where its time went
     (checkpoint,) = list_checkpoints(stopped)
     stop_step = json.loads((checkpoint / "train_state.json").read_text())["global_step"]
     assert 3 <= stop_step < 9, "the stop should land in the middle of the first epoch"
@@ -255,6 +256,14 @@ def test_checkpoint_of_other_model_or_classes_is_refused(tmp_path):
     with pytest.raises(UserError, match="other classes"):
         check_compatible(state, model_name="coatnet_0_rw_224", class_names=["Abyssinian"],
                          checkpoint=tmp_path)
+
+
+def test_checkpoint_of_another_split_is_refused(tmp_path):
+    check_same_split({"split": "0123abcd"}, "0123abcd", checkpoint=tmp_path)  # the same: fine
+    with pytest.raises(UserError, match="another train/val split"):
+        check_same_split({"split": "0123abcd"}, "4567ef00", checkpoint=tmp_path)
+    with pytest.raises(UserError, match="another train/val split"):  # made before splits were recorded
+        check_same_split({}, "4567ef00", checkpoint=tmp_path)
 
 
 def test_half_written_checkpoints_are_never_picked_up(tmp_path):
