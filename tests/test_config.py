@@ -189,6 +189,20 @@ def test_real_process_exits_2_without_traceback(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("script, argv", [("train.py", ["--lr", "abc"]),
+                                          ("evaluate.py", ["--split", "nope"])])
+def test_config_mistakes_answer_before_torch_is_imported(script, argv):
+    """--help and config errors need no torch, timm or datasets: they answer at once."""
+    probe = (f"import runpy, sys\nsys.argv = [{script!r}, *{argv!r}]\n"
+             f"try:\n    runpy.run_path({script!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    print(e.code, sorted(m for m in ('torch', 'timm', 'datasets') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split("\n")[0] == "2 []", result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
 def test_plateau_needs_a_validation_split():
     from pet_pipeline.config import build_config
     from pet_pipeline.errors import UserError
