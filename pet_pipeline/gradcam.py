@@ -7,7 +7,8 @@
 Target layer per family (pytorch-grad-cam wants a layer whose output is (B, C, h, w)):
 - CoAtNet / MaxViT (timm `MaxxVit`): `stages[-1]`. Its transformer blocks
   (`TransformerBlock2d`, `MaxxVitBlock`) take and return NCHW, whatever layout they use
-  inside, so no reshape is needed (checked with a forward hook: (B, C, H/32, W/32)).
+  inside, so no reshape is needed (checked with a forward hook: (B, C, H/32, W/32)). Below
+  64 px that map is 1x1, so `stages[-2]` (H/16) is used instead.
 - ResNet: `layer4[-1]`; ConvNeXt: `stages[-1]`; EfficientNet: `bn2` (the activation after
   `conv_head`, the last spatial map before pooling).
 - ViT / DeiT: `blocks[-1].norm1`, with a reshape_transform that drops the prefix tokens
@@ -86,6 +87,10 @@ def gradcam_setup(model: torch.nn.Module, *, input_size: tuple[int, int, int] | 
     model's data config (fixed-size models built with another img_size need the real one).
     """
     if isinstance(model, MaxxVit):
+        # The last stage works at 1/32 of the input: below 64 px that is 1x1, a map with
+        # nothing to localise, so small inputs (quick CPU runs) use the stage before (1/16).
+        if input_size is not None and min(input_size[-2:]) < 64:
+            return [model.stages[-2]], None
         return [model.stages[-1]], None
     if isinstance(model, ResNet):
         return [model.layer4[-1]], None

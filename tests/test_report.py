@@ -273,6 +273,20 @@ def test_gradcams_on_tiny_models(name, one_torch_thread):
     assert all(p.grad is None for p in model.parameters())  # no stray gradients left
 
 
+def test_coatnet_below_64_px_localises_with_the_stage_before(one_torch_thread):
+    """At 32 px CoAtNet's last stage is 1x1: its heat map would be flat."""
+    torch.manual_seed(0)
+    model = timm.create_model("coatnet_nano_rw_224", pretrained=False, num_classes=12, img_size=32)
+    assert gradcam_setup(model, input_size=(3, 32, 32))[0] == [model.stages[-2]]
+    assert gradcam_setup(model, input_size=(3, 64, 64))[0] == [model.stages[-1]]
+    pixel_values = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():  # the predicted classes: the ones with positive evidence somewhere
+        target_classes = model.eval()(pixel_values).argmax(dim=1).tolist()
+    cams = compute_gradcams(model, pixel_values, target_classes)
+    assert cams.shape == (3, 32, 32)
+    assert (cams.reshape(3, -1).std(axis=1) > 1e-3).all()
+
+
 class ChannelsLastNet(torch.nn.Module):
     """Not a known family; its features are channels-last (B, H, W, C), as in Swin."""
 
