@@ -89,9 +89,10 @@ def train(config: Config) -> int:
         raise UserError(f"pre_resize: {config.pre_resize} px is below the {eval_side} px that "
                         f"evaluation resizes to; use at least {eval_side}, or null.")
     checkpoint = find_resume_checkpoint(config.resume, out)
-    if checkpoint is not None:
-        check_compatible(read_train_state(checkpoint), model_name=config.model,
-                         class_names=class_names, checkpoint=checkpoint)
+    saved_state = read_train_state(checkpoint) if checkpoint is not None else None
+    if saved_state is not None:
+        check_compatible(saved_state, model_name=config.model, class_names=class_names,
+                         checkpoint=checkpoint)
     if "wandb" in trackers_for(config.report_to):
         choose_wandb_mode()
     stop = StopFlag()  # SIGTERM / SIGUSR1 -> checkpoint and exit at the next step
@@ -129,18 +130,18 @@ def train(config: Config) -> int:
             synthetic_images_per_class=config.synthetic_images_per_class,
             synthetic_image_size=config.synthetic_image_size,
         )
-    split = split_fingerprint(pets)  # a resumed run must train and select on the same images
-    if checkpoint is not None:
-        check_same_split(read_train_state(checkpoint), split, checkpoint=checkpoint)
+    split_id = split_fingerprint(pets)  # a resumed run must train and select on the same images
+    if saved_state is not None:
+        check_same_split(saved_state, split_id, checkpoint=checkpoint)
     processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     num_workers = (config.num_workers if config.num_workers is not None
                    else default_num_workers(processes_per_node))
     if config.pre_resize is not None:
         with accelerator.local_main_process_first():  # one process writes the cache, others read it
-            for split in ("train", "val", "test"):
-                if getattr(pets, split) is not None:
-                    setattr(pets, split, pre_resize(getattr(pets, split), short_side=config.pre_resize,
-                                                    num_proc=max(1, num_workers)))
+            for name in ("train", "val", "test"):
+                if getattr(pets, name) is not None:
+                    setattr(pets, name, pre_resize(getattr(pets, name), short_side=config.pre_resize,
+                                                   num_proc=max(1, num_workers)))
     eval_transform = build_eval_transform(data_config)
     train_set = PetTorchDataset(pets.train, build_train_transform(data_config, config.augment),
                                 seed=config.seed, min_side=decode_size(data_config, config.augment))
@@ -204,7 +205,7 @@ def train(config: Config) -> int:
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_accuracy": None,
         "epochs_since_best": 0, "loss_sum": 0.0, "loss_count": 0, "finished": False,
         "wandb_run_id": new_run_id(), "model": config.model, "class_names": class_names,
-        "scheduler": None, "data_config": data_config, "split": split,
+        "scheduler": None, "data_config": data_config, "split": split_id,
     }
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, ema=ema)

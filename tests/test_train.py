@@ -175,7 +175,7 @@ def wait_for_step(path: Path, step: int, process, timeout=300) -> None:
 def test_sigterm_then_resume_gives_the_uninterrupted_result(tmp_path, env):
     args = [*TINY, "--epochs", "2", "--val_fraction", "0.25", "--drop_path_rate", "0.2",
             "--augment", "strong", "--ema_decay", "0.9", "--report_to", "wandb",
-            "--num_workers", "1"]
+            "--num_workers", "1", "--pre_resize", "40"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert_ok(run_train([*args, "--output_dir", str(straight)], env))
 
