@@ -67,9 +67,10 @@ def build_train_transform(data_config: dict, augment: str):
     """The CPU half of the train transform: PIL image -> augmented uint8 (3, H, W) tensor,
     or for strong {"pixel_values": that tensor, "color_jitter": the sample's factors}.
 
-    strong ends in `DrawColorJitter`, which adds the factors. The device half (`DeviceTransform`) applies the
-    jitter, normalises and erases, on whole batches: PIL colour jitter alone cost ~0.9 ms an
-    image in a worker, and uint8 hands over a quarter of the bytes float32 would. `none`
+    strong ends in `DrawColorJitter`, which adds the factors. The device half
+    (`DeviceTransform`) applies the jitter, normalises and erases, on whole batches: PIL
+    colour jitter alone cost ~0.9 ms an image in a worker, and uint8 hands over a quarter of
+    the bytes float32 would. `none`
     resizes and crops like the eval transform, without augmentation (what the old script did).
     """
     if augment == "none":
