@@ -5,7 +5,8 @@
     accelerate launch --config_file accelerate_config.yaml evaluate.py --model_dir runs/x/model
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 evaluate.py --model_dir runs/x/model
 
-`--model_dir` is a run's model/ folder or one of its checkpoints/step_N folders. The class
+`--model_dir` is a run's model/ folder or one of its checkpoints/step_N folders (its EMA
+weights when it has some; saved by any number of processes, compiled or not). The class
 list comes from the model; the data keys (dataset, data_dir, val_fraction, seed, ...)
 default to the training run's config.yaml, so `--split val` is the run's own validation
 split. Every process count gives the same predictions, each image counted once.
@@ -21,29 +22,6 @@ from pet_pipeline.errors import UserError, exit_with
 
 # torch, timm and the rest are imported in the functions that use them, so that `--help`
 # and a mistyped key or value answer in a fraction of a second instead of after ~8 s.
-
-
-def describe_model(model_dir: Path) -> tuple[dict, Path, Path | None]:
-    """(model description, weights file, the run's config.yaml or None) of a model folder
-    written by export_model or of a checkpoint folder."""
-    from pet_pipeline.checkpoint import STATE_FILE, read_train_state
-    from pet_pipeline.model import EXPORT_WEIGHTS, read_export_config
-
-    if (model_dir / STATE_FILE).is_file():  # checkpoints/step_N
-        state = read_train_state(model_dir)
-        if "data_config" not in state:
-            raise UserError(f"model_dir: {model_dir} is a checkpoint without a data config; "
-                            "use the run's model/ folder instead.")
-        description = {"architecture": state["model"], "label_names": state["class_names"],
-                       "pretrained_cfg": state["data_config"]}
-        run_config = model_dir.parent.parent / "config.yaml"
-    else:
-        description = read_export_config(model_dir)
-        run_config = model_dir.parent / "config.yaml"
-    weights = model_dir / EXPORT_WEIGHTS
-    if not weights.is_file():
-        raise UserError(f"model_dir: {model_dir} has no {EXPORT_WEIGHTS}; point it at a run's model/ folder.")
-    return description, weights, run_config if run_config.is_file() else None
 
 
 def resolve_data_keys(config: EvalConfig, run_config: Path | None) -> dict:
@@ -72,20 +50,18 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(config: EvalConfig) -> int:
     import torch
     from accelerate import Accelerator
-    from safetensors.torch import load_file
 
     from pet_pipeline.breeds import kept_breeds
     from pet_pipeline.data import load_pets
     from pet_pipeline.evaluation import evaluate_and_report
     from pet_pipeline.loader import PetTorchDataset, build_dataloader, default_num_workers
-    from pet_pipeline.model import build_model
+    from pet_pipeline.model import load_trained_model
     from pet_pipeline.transforms import build_eval_transform, decode_size
 
-    # ------------------------------------------------------------------ model description
+    # ------------------------------------------------------------------ model (before any data)
+    model, description = load_trained_model(config.model_dir)
     model_dir = Path(config.model_dir)
-    if not model_dir.is_dir():
-        raise UserError(f"model_dir: {model_dir} is not a folder; give a run's model/ folder.")
-    description, weights, run_config = describe_model(model_dir)
+    run_config = description["run_dir"] / "config.yaml"
     class_names = list(description["label_names"])
     data_config = dict(description["pretrained_cfg"])
     data_config["input_size"] = tuple(data_config["input_size"])
@@ -97,19 +73,10 @@ def evaluate(config: EvalConfig) -> int:
                 f"...) but the model knows {len(class_names)} ({', '.join(class_names[:3])}...); "
                 "leave species and breeds out to use the model's classes."
             )
-    data = resolve_data_keys(config, run_config)
+    data = resolve_data_keys(config, run_config if run_config.is_file() else None)
     if config.split == "val" and not data["val_fraction"]:
         raise UserError("split: val needs val_fraction > 0; the training run had no validation split.")
     out = Path(config.output_dir) if config.output_dir else model_dir.parent / f"eval_{config.split}"
-
-    # ------------------------------------------------------------------ model (before any data)
-    model = build_model(description["architecture"], num_classes=len(class_names),
-                        pretrained=False, image_size=data_config["input_size"][-1])
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except Exception as e:
-        raise UserError(f"model_dir: {weights} does not fit {description['architecture']} with "
-                        f"{len(class_names)} classes ({str(e).splitlines()[0][:100]}).") from None
 
     # ------------------------------------------------------------------ accelerator and data
     accelerator = Accelerator(mixed_precision=config.mixed_precision)

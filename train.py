@@ -14,71 +14,53 @@ The same script at every scale:
     sbatch slurm/train.sbatch --config configs/gpu.yaml
 
 Any key can be overridden on the command line (`--lr 3e-4 --batch_size 64`); `--help` lists
-them. A stopped run continues from its newest checkpoint when started again (resume: auto).
+them. Started again, the same command continues a stopped run from its newest valid
+checkpoint, or re-evaluates a finished one (resume: auto); what a start in a used output_dir
+does is decided by pet_pipeline/rundir.py.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pet_pipeline.config import Config, load_config
 from pet_pipeline.errors import UserError, exit_with
 
 
-def train(config: Config) -> int:
+def train(config: Config, argv: list[str]) -> int:
     # torch, timm and the rest are imported here rather than at the top, so that `--help`
     # and a mistyped key or value answer in a fraction of a second instead of after ~8 s.
-    import math
-    import os
-    import time
-    from pathlib import Path
-
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
-    from safetensors.torch import load_file
-    from timm.data import Mixup
-    from timm.utils import ModelEmaV3
     from tqdm.auto import tqdm
 
     from pet_pipeline.breeds import kept_breeds
     from pet_pipeline.checkpoint import (
-        check_compatible,
+        Checkpointer,
+        TrainState,
         check_same_split,
-        find_resume_checkpoint,
-        json_safe,
         load_checkpoint,
         read_train_state,
-        save_checkpoint,
     )
-    from pet_pipeline.config import save_config, to_dict
-    from pet_pipeline.data import load_pets, pre_resize, split_fingerprint
-    from pet_pipeline.evaluation import STOPPED, compute_metrics, evaluate_and_report, predict
-    from pet_pipeline.loader import PetTorchDataset, build_dataloader, default_num_workers
-    from pet_pipeline.model import build_model, export_model
-    from pet_pipeline.optim import balanced_class_weights, build_loss, build_optimizer, build_scheduler
-    from pet_pipeline.plots import plot_training_curves
-    from pet_pipeline.preemption import PREEMPTED_EXIT_CODE, StopFlag
+    from pet_pipeline.config import to_dict
+    from pet_pipeline.data import split_fingerprint
+    from pet_pipeline.preemption import PREEMPTED_EXIT_CODE, StopFlag, StopRequested
+    from pet_pipeline.rundir import RunDirectory
     from pet_pipeline.tracking import (
-        MetricsLog,
         PhaseClock,
+        RunLog,
+        RunningLoss,
         choose_wandb_mode,
         init_trackers,
         new_run_id,
-        read_metrics,
         trackers_for,
         wandb_sync_hint,
     )
-    from pet_pipeline.transforms import (
-        DeviceTransform,
-        build_eval_transform,
-        build_train_transform,
-        decode_size,
-        model_data_config,
-    )
+    from pet_pipeline.transforms import decode_size, model_data_config
 
     clock = PhaseClock()  # where the wall time goes, logged and printed at the end
-    out = Path(config.output_dir)
     # ------------------------------------------------------------------ checks before heavy work
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("mixed_precision: fp16 needs a GPU; use bf16 or no on a CPU.")
@@ -88,39 +70,167 @@ def train(config: Config) -> int:
     if config.pre_resize is not None and config.pre_resize < eval_side:
         raise UserError(f"pre_resize: {config.pre_resize} px is below the {eval_side} px that "
                         f"evaluation resizes to; use at least {eval_side}, or null.")
-    checkpoint = find_resume_checkpoint(config.resume, out)
-    saved_state = read_train_state(checkpoint) if checkpoint is not None else None
-    if saved_state is not None:
-        check_compatible(saved_state, model_name=config.model, class_names=class_names,
-                         checkpoint=checkpoint)
+    run_dir = RunDirectory(config.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock per job, held by the global main process
+        run_dir.lock()
     if "wandb" in trackers_for(config.report_to):
         choose_wandb_mode()
     stop = StopFlag()  # SIGTERM / SIGUSR1 -> checkpoint and exit at the next step
 
-    # ------------------------------------------------------------------ accelerator
+    # ------------------------------------------------------------------ accelerator and the start
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum_steps,
         log_with=trackers_for(config.report_to) or None,
-        project_dir=str(out),
+        project_dir=str(run_dir.path),
         # our schedule counts optimizer steps itself, whatever the number of processes
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if config.compile else "no",
         # batches from pinned memory are copied to the GPU without the host waiting for it
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
-
-    def print0(message: str) -> None:  # once per job; tqdm.write keeps the progress bar intact
-        if accelerator.is_main_process:
-            tqdm.write(message)
-
-    on_gpu = accelerator.device.type == "cuda"
-    channels_last = config.channels_last and on_gpu
+    plan = decide_start(accelerator, run_dir, config, argv)  # new, resume or re-evaluate
+    resume_step = read_train_state(plan.checkpoint)["global_step"] if plan.checkpoint else None
+    run_log = RunLog(accelerator, run_dir.path / "metrics.jsonl", resume_step=resume_step,
+                     clock=clock)
+    if run_dir.took_over:
+        run_log.print(f"took over the lock of process {run_dir.took_over.get('pid')} on "
+                      f"{run_dir.took_over.get('host')}, which is no longer running")
+    for message in plan.messages:
+        run_log.print(message)
     set_seed(config.seed)  # before the model: the seed also fixes the new head's weights
-    if accelerator.is_main_process:
-        save_config(config, out / "config.yaml")
 
     # ------------------------------------------------------------------ data
+    pets, loaders = build_data(config, accelerator, data_config)
+    split_id = split_fingerprint(pets)  # a resumed run must train and select on the same images
+
+    # ------------------------------------------------------------------ model, optimizer, schedule
+    parts = build_training(config, accelerator, loaders, data_config,
+                           train_labels=pets.train["label"][:], num_classes=len(class_names))
+    model, optimizer, scheduler, ema = parts.model, parts.optimizer, parts.scheduler, parts.ema
+    train_loader = loaders.train
+
+    # ------------------------------------------------------------------ resume
+    state = TrainState(wandb_run_id=new_run_id(), model=config.model, class_names=class_names,
+                       data_config=data_config, split=split_id)
+    checkpointer = Checkpointer(accelerator, run_dir.path, ema=ema, keep=config.keep_checkpoints)
+    if plan.checkpoint:
+        state = load_checkpoint(accelerator, plan.checkpoint, ema=ema)
+        check_same_split(state, split_id, checkpoint=plan.checkpoint)
+        checkpointer.mark_saved(state)
+        if state.scheduler is not None:
+            scheduler.lr_scheduler.load_state_dict(state.scheduler)
+        scheduler.step_update(state.global_step)
+    state.config, state.num_processes, state.ema = to_dict(config), accelerator.num_processes, bool(ema)
+    init_trackers(accelerator, report_to=config.report_to, project=config.wandb_project,
+                  run_name=config.run_name or run_dir.path.name, run_id=state.wandb_run_id,
+                  output_dir=str(run_dir.path), config=to_dict(config))
+    run_log.print(start_summary(config, accelerator, pets, loaders, parts, plan, state))
+
+    # ------------------------------------------------------------------ the epoch loop
+    running_loss = RunningLoss(accelerator.device)
+    progress = tqdm(total=parts.total_steps, initial=state.global_step, unit="step",
+                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+    run_log.clock.seconds["setup"] = run_log.clock.elapsed()  # everything before step 1
+    exit_code = 0
+    try:
+        while not state.finished(epochs=config.epochs, max_steps=config.max_steps):
+            train_loader.set_epoch(state.epoch)
+            batches = train_loader
+            if state.step_in_epoch:  # resuming mid-epoch: same order, skip what was done
+                batches = accelerator.skip_first_batches(train_loader, state.step_in_epoch)
+                batches.set_epoch(state.epoch)
+            model.train()
+            for batch in batches:
+                images, targets = parts.device_transform(batch), batch["label"]  # uint8 -> float
+                if parts.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                if parts.mixup is not None:
+                    images, targets = parts.mixup(images, targets)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss = parts.loss_fn(model(images), targets)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.clip_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.step_in_epoch += 1
+                running_loss.add(loss)  # stays on the device: no sync here
+                run_log.count_images(images.shape[0] * accelerator.num_processes)
+                if not accelerator.sync_gradients:
+                    continue
+                state.global_step += 1
+                scheduler.step_update(state.global_step)
+                if ema is not None:
+                    ema.update(parts.raw_model, step=state.global_step)
+                progress.update(1)
+                if state.global_step % config.log_every == 0:
+                    running_loss.move_into(state, accelerator)  # a host-device sync point
+                    record = {"step": state.global_step, "epoch": state.epoch,
+                              "train_loss": state.loss_sum / max(1, state.loss_count),
+                              "lr": optimizer.param_groups[0]["lr"],
+                              "images_per_s": run_log.images_per_s()}
+                    run_log.log(record)
+                    progress.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                         img_s=f"{record['images_per_s']:.0f}")
+                    state.loss_sum, state.loss_count = 0.0, 0
+                if config.max_steps is not None and state.global_step >= config.max_steps:
+                    break
+                if config.checkpoint_steps and state.global_step % config.checkpoint_steps == 0:
+                    save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
+                stop.check(accelerator)  # raises StopRequested on every rank
+            if loaders.val is not None:
+                validate_and_select(config, accelerator, parts, loaders.val, state, run_log,
+                                    stop=stop, class_names=class_names, data_config=data_config)
+            if state.step_in_epoch >= len(train_loader):  # the epoch ran to its end
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
+        final_report(config, accelerator, parts, loaders, pets, state, run_log, stop=stop,
+                     class_names=class_names, data_config=data_config)
+    except StopRequested as request:
+        run_log.print(f"stopping on {request} at step {state.global_step}")
+        save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
+        run_log.print(f"rerun the same command to resume (exit status {PREEMPTED_EXIT_CODE})")
+        exit_code = PREEMPTED_EXIT_CODE
+    finally:
+        progress.close()  # before any message of an error that ends the run
+    run_log.log_timing(state.global_step)
+    hint = wandb_sync_hint(accelerator) if accelerator.is_main_process else None
+    accelerator.end_training()
+    if hint and exit_code == 0:
+        run_log.print(f"W&B ran offline; upload with: {hint}")
+    return exit_code
+
+
+# ---------------------------------------------------------------------------- the steps of train()
+
+
+def decide_start(accelerator, run_dir, config: Config, argv: list[str]):
+    """The main process decides what this start means (it holds the lock and may move
+    files); every rank gets the same StartPlan, or the same UserError."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = run_dir.begin(config, num_processes=accelerator.num_processes, argv=argv)
+        except UserError as error:
+            outcome[0] = error
+    broadcast_object_list(outcome)  # nothing to do with one process
+    if isinstance(outcome[0], UserError):
+        raise outcome[0]
+    return outcome[0]
+
+
+def build_data(config: Config, accelerator, data_config: dict):
+    """The pets as datasets.Dataset splits, and their loaders (not yet prepared)."""
+    from types import SimpleNamespace
+
+    from pet_pipeline.data import load_pets, pre_resize
+    from pet_pipeline.loader import PetTorchDataset, build_dataloader, default_num_workers
+    from pet_pipeline.transforms import build_eval_transform, build_train_transform, decode_size
+
     # one process per node first: the synthetic folder and the Hub download are made once
     with accelerator.local_main_process_first():
         pets = load_pets(
@@ -130,9 +240,6 @@ def train(config: Config) -> int:
             synthetic_images_per_class=config.synthetic_images_per_class,
             synthetic_image_size=config.synthetic_image_size,
         )
-    split_id = split_fingerprint(pets)  # a resumed run must train and select on the same images
-    if saved_state is not None:
-        check_same_split(saved_state, split_id, checkpoint=checkpoint)
     processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     num_workers = (config.num_workers if config.num_workers is not None
                    else default_num_workers(processes_per_node))
@@ -142,274 +249,194 @@ def train(config: Config) -> int:
                 if getattr(pets, name) is not None:
                     setattr(pets, name, pre_resize(getattr(pets, name), short_side=config.pre_resize,
                                                    num_proc=max(1, num_workers)))
+    eval_side = decode_size(data_config, None)
     eval_transform = build_eval_transform(data_config)
     train_set = PetTorchDataset(pets.train, build_train_transform(data_config, config.augment),
                                 seed=config.seed, min_side=decode_size(data_config, config.augment))
     val_set = PetTorchDataset(pets.val, eval_transform, min_side=eval_side) if pets.val else None
     test_set = PetTorchDataset(pets.test, eval_transform, min_side=eval_side)
     mixing = config.mixup > 0 or config.cutmix > 0
-    loader_args = dict(seed=config.seed, num_workers=num_workers, pin_memory=on_gpu)
-    train_loader = build_dataloader(train_set, batch_size=config.batch_size, train=True,
-                                    drop_last=mixing and len(train_set) >= config.batch_size,
-                                    **loader_args)
+    common = dict(seed=config.seed, num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
     eval_batch_size = config.eval_batch_size or 2 * config.batch_size
-    val_loader = (build_dataloader(val_set, batch_size=eval_batch_size, train=False, **loader_args)
-                  if val_set else None)
-    test_loader = build_dataloader(test_set, batch_size=eval_batch_size, train=False, **loader_args)
+    loaders = SimpleNamespace(
+        train=build_dataloader(train_set, batch_size=config.batch_size, train=True,
+                               drop_last=mixing and len(train_set) >= config.batch_size, **common),
+        val=build_dataloader(val_set, batch_size=eval_batch_size, train=False, **common) if val_set else None,
+        test=build_dataloader(test_set, batch_size=eval_batch_size, train=False, **common),
+        num_workers=num_workers,
+    )
+    return pets, loaders
 
-    # ------------------------------------------------------------------ model
-    model = build_model(config.model, num_classes=len(class_names), pretrained=config.pretrained,
+
+def build_training(config: Config, accelerator, loaders, data_config: dict, *, train_labels,
+                   num_classes: int):
+    """Model, optimizer, schedule, loss, EMA, mixup and the device half of the transform;
+    prepares model, optimizer and loaders (in place in `loaders`) with the accelerator."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+    from timm.data import Mixup
+    from timm.utils import ModelEmaV3
+
+    from pet_pipeline.model import build_model
+    from pet_pipeline.optim import balanced_class_weights, build_loss, build_optimizer, build_scheduler
+    from pet_pipeline.transforms import DeviceTransform
+
+    model = build_model(config.model, num_classes=num_classes, pretrained=config.pretrained,
                         pretrained_path=config.pretrained_path,
                         drop_path_rate=config.drop_path_rate, image_size=config.image_size)
     if config.sync_bn and accelerator.num_processes > 1:
         from timm.layers import convert_sync_batchnorm  # handles timm's BatchNormAct2d
 
         model = convert_sync_batchnorm(model)
+    channels_last = config.channels_last and accelerator.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-
-    # ------------------------------------------------------------------ optimizer and schedule
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, test_loader)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum_steps)
+    model, optimizer, loaders.train, loaders.test = accelerator.prepare(
+        model, optimizer, loaders.train, loaders.test)
+    if loaders.val is not None:
+        loaders.val = accelerator.prepare(loaders.val)
+
+    steps_per_epoch = math.ceil(len(loaders.train) / config.grad_accum_steps)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     scheduler = build_scheduler(optimizer, name=config.scheduler, total_steps=total_steps,
                                 warmup_steps=round(config.warmup_epochs * steps_per_epoch),
                                 min_lr=config.min_lr, steps_per_epoch=steps_per_epoch)
-    class_weights = (balanced_class_weights(pets.train["label"][:], len(class_names)).to(accelerator.device)
+    class_weights = (balanced_class_weights(train_labels, num_classes).to(accelerator.device)
                      if config.class_weights == "balanced" else None)
-    loss_fn = build_loss(label_smoothing=config.label_smoothing, class_weights=class_weights,
-                         mixing=mixing)
-    # the device half of the train transform: colour jitter, normalisation, random erasing
-    device_transform = DeviceTransform(data_config, config.augment, accelerator.device)
-    mixup = (Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
-                   label_smoothing=config.label_smoothing, num_classes=len(class_names))
-             if mixing else None)
-    def unwrapped(module):  # without DDP and torch.compile wrappers: what is saved and averaged
-        return accelerator.unwrap_model(module, keep_torch_compile=False)
-
-    raw_model = unwrapped(model)
+    mixing = config.mixup > 0 or config.cutmix > 0
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # what is saved, averaged
     # warmup: the decay grows with the step count, so a short run's EMA is not mostly the
     # initial weights (decay 0.999 alone averages over ~1,000 steps)
-    ema = (ModelEmaV3(raw_model, decay=config.ema_decay, use_warmup=True)
-           if config.ema_decay else None)
-    eval_model = ema.module if ema is not None else model  # what validation and export use
+    ema = ModelEmaV3(raw_model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
+    return SimpleNamespace(
+        model=model, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, ema=ema,
+        eval_model=ema.module if ema is not None else model,  # what validation and export use
+        loss_fn=build_loss(label_smoothing=config.label_smoothing, class_weights=class_weights,
+                           mixing=mixing),
+        mixup=(Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                     label_smoothing=config.label_smoothing, num_classes=num_classes)
+               if mixing else None),
+        # colour jitter, normalisation and random erasing, on the whole batch
+        device_transform=DeviceTransform(data_config, config.augment, accelerator.device),
+        channels_last=channels_last, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+    )
 
-    # ------------------------------------------------------------------ resume
-    state = {
-        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_accuracy": None,
-        "epochs_since_best": 0, "loss_sum": 0.0, "loss_count": 0, "finished": False,
-        "wandb_run_id": new_run_id(), "model": config.model, "class_names": class_names,
-        "scheduler": None, "data_config": data_config, "split": split_id,
-    }
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint, ema=ema)
-        if state["scheduler"] is not None:
-            scheduler.lr_scheduler.load_state_dict(state["scheduler"])
-        scheduler.step_update(state["global_step"])
-    init_trackers(accelerator, report_to=config.report_to, project=config.wandb_project,
-                  run_name=config.run_name or out.name, run_id=state["wandb_run_id"],
-                  output_dir=str(out), config=to_dict(config))
-    metrics_log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process,
-                             resume_step=state["global_step"] if checkpoint else None)
 
-    def log(record: dict) -> None:
-        metrics_log.write(record)
-        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    def log_timing() -> None:
-        """Where this process's wall time went, from train() on (imports not counted; a
-        resumed run accounts for its own process only). training is the rest: the loop
-        itself, with worker start-up and any compilation."""
-        timing = clock.summary()
-        if accelerator.is_main_process:
-            log({"step": state["global_step"], **timing})
-            print0("time: " + ", ".join(f"{key[5:-2].replace('_', ' ')} {seconds:.1f} s"
-                                        for key, seconds in timing.items()))
-
-    running_loss = torch.zeros((), device=accelerator.device)  # summed over micro-batches
-    running_micro_batches = 0
-
-    def flush_running_loss() -> None:
-        """Move the device-side loss sum into `state`, which checkpoints carry."""
-        nonlocal running_micro_batches
-        state["loss_sum"] += accelerator.reduce(running_loss, "mean").item()
-        state["loss_count"] += running_micro_batches
-        running_loss.zero_()
-        running_micro_batches = 0
-
-    def checkpoint_now() -> None:
-        flush_running_loss()
-        # cosine and constant are functions of the step; plateau remembers its best and its
-        # epochs without improvement (torch's ReduceLROnPlateau inside timm's wrapper)
-        state["scheduler"] = (json_safe(scheduler.lr_scheduler.state_dict())
-                              if config.scheduler == "plateau" else None)
-        with clock.phase("checkpoints"):
-            path = save_checkpoint(accelerator, out, state, ema=ema, keep=config.keep_checkpoints)
-        print0(f"checkpoint: {path}")
-
+def start_summary(config: Config, accelerator, pets, loaders, parts, plan, state) -> str:
+    class_names = state.class_names
     effective_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
-    print0(
+    lines = [
         f"pet-pipeline: {accelerator.num_processes} process(es) on {accelerator.device.type}"
         f" ({accelerator.distributed_type.value}), precision {accelerator.mixed_precision},"
-        f" {num_workers} loader worker(s) per process\n"
+        f" {loaders.num_workers} loader worker(s) per process",
         f"data: train {len(pets.train)} / val {len(pets.val) if pets.val else 0} / test"
         f" {len(pets.test)} images, {len(class_names)} classes ({', '.join(class_names[:3])}"
-        f"{', ...' if len(class_names) > 3 else ''}); {len(pets.skipped)} bad input(s) left out\n"
+        f"{', ...' if len(class_names) > 3 else ''}); {len(pets.skipped)} bad input(s) left out",
         f"batch: {config.batch_size} per device x {config.grad_accum_steps} accumulation x"
         f" {accelerator.num_processes} process(es) = {effective_batch} images per optimizer step;"
-        f" {steps_per_epoch} steps per epoch, {total_steps} in all\n"
+        f" {parts.steps_per_epoch} steps per epoch, {parts.total_steps} in all",
         f"model: {config.model} ({'pretrained' if config.pretrained else 'from scratch'}),"
-        f" input {data_config['input_size'][-1]} px\n"
-        f"outputs: {out}"
-        + (f" (resuming from {checkpoint.name}, step {state['global_step']})" if checkpoint else "")
-    )
-    for problem in pets.skipped[:20]:
-        print0(f"  left out: {problem}")
+        f" input {state.data_config['input_size'][-1]} px",
+        f"outputs: {config.output_dir}" + (
+            f" ({'resuming' if plan.action == 'resume' else 're-evaluating'} from "
+            f"{os.path.basename(plan.checkpoint)}, step {state.global_step})" if plan.checkpoint else ""),
+    ]
+    lines += [f"  left out: {problem}" for problem in pets.skipped[:20]]
+    return "\n".join(lines)
 
-    # ------------------------------------------------------------------ the epoch loop
-    def should_stop() -> bool:
-        return stop.agreed(accelerator)
 
-    def stop_on_signal() -> int:
-        print0(f"stopping on {stop.signal_name or 'a signal'} at step {state['global_step']}")
-        checkpoint_now()
-        log_timing()
-        accelerator.end_training()
-        print0(f"rerun the same command to resume (exit status {PREEMPTED_EXIT_CODE})")
-        return PREEMPTED_EXIT_CODE
+def save_checkpoint(checkpointer, state, running_loss, scheduler, run_log) -> None:
+    """Every rank, at the same step. The loss not yet logged goes into the state."""
+    from pet_pipeline.checkpoint import json_safe
 
-    progress = tqdm(total=total_steps, initial=state["global_step"], unit="step",
-                    disable=not accelerator.is_main_process, dynamic_ncols=True)
-    t_last, images_since = time.perf_counter(), 0
-    clock.seconds["setup"] = clock.elapsed()  # data, model, resume: everything before step 1
-    while state["epoch"] < config.epochs and not state["finished"]:
-        train_loader.set_epoch(state["epoch"])
-        batches = train_loader
-        if state["step_in_epoch"]:  # resuming mid-epoch: same order, skip what was done
-            batches = accelerator.skip_first_batches(train_loader, state["step_in_epoch"])
-            batches.set_epoch(state["epoch"])
-        model.train()
-        for batch in batches:
-            images, targets = device_transform(batch), batch["label"]  # uint8 -> float here
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss = loss_fn(model(images), targets)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.clip_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["step_in_epoch"] += 1
-            running_loss += loss.detach()  # stays on the device: no sync here
-            running_micro_batches += 1
-            images_since += images.shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            state["global_step"] += 1
-            scheduler.step_update(state["global_step"])
-            if ema is not None:
-                ema.update(raw_model, step=state["global_step"])
-            progress.update(1)
-            if state["global_step"] % config.log_every == 0:
-                flush_running_loss()  # a host-device sync point, once per log_every steps
-                loss_value = state["loss_sum"] / max(1, state["loss_count"])
-                now = time.perf_counter()
-                record = {"step": state["global_step"], "epoch": state["epoch"],
-                          "train_loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                          "images_per_s": images_since / (now - t_last)}
-                log(record)
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}",
-                                     img_s=f"{record['images_per_s']:.0f}")
-                state["loss_sum"], state["loss_count"] = 0.0, 0
-                t_last, images_since = now, 0
-            if config.max_steps is not None and state["global_step"] >= config.max_steps:
-                state["finished"] = True
-                break
-            if config.checkpoint_steps and state["global_step"] % config.checkpoint_steps == 0:
-                checkpoint_now()
-                t_last, images_since = time.perf_counter(), 0
-            if should_stop():
-                progress.close()
-                return stop_on_signal()
+    running_loss.move_into(state, checkpointer.accelerator)
+    # cosine and constant are functions of the step; plateau remembers its best and its
+    # epochs without improvement (torch's ReduceLROnPlateau inside timm's wrapper)
+    inner = getattr(scheduler, "lr_scheduler", None)  # only timm's plateau wraps a torch one
+    state.scheduler = json_safe(inner.state_dict()) if inner is not None else None
+    with run_log.phase("checkpoints"):
+        path = checkpointer.save(state)
+    if path is not None:
+        run_log.print(f"checkpoint: {path}")
 
-        # -------------------------------------------------------------- validation
-        if val_loader is not None:
-            with clock.phase("validation"):
-                val_predictions = predict(eval_model, val_loader, accelerator, should_stop=should_stop)
-            if val_predictions is None:
-                progress.close()
-                return stop_on_signal()
-            val_metrics = compute_metrics(val_predictions, class_names)
-            accuracy = val_metrics["accuracy"]
-            improved = state["best_accuracy"] is None or accuracy > state["best_accuracy"]
-            if improved:
-                state["best_accuracy"], state["epochs_since_best"] = accuracy, 0
-                if accelerator.is_main_process:  # keep the best weights as the exported model
-                    with clock.phase("checkpoints"):
-                        export_model(unwrapped(eval_model), out / "model",
-                                     model_name=config.model, class_names=class_names,
-                                     data_config=data_config)
-            else:
-                state["epochs_since_best"] += 1
-            log({"step": state["global_step"], "epoch": state["epoch"], "val_accuracy": accuracy,
-                 "val_macro_f1": val_metrics["macro_f1"]})
-            print0(f"epoch {state['epoch']}: val accuracy {accuracy:.4f}"
-                   f" (best {state['best_accuracy']:.4f})")
-            scheduler.step(state["epoch"] + 1, accuracy)
-            patience = config.early_stopping_patience
-            if patience is not None and state["epochs_since_best"] >= patience:
-                print0(f"early stopping: no improvement for {patience} epoch(s)")
-                state["finished"] = True
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
-        checkpoint_now()
-        t_last, images_since = time.perf_counter(), 0  # images/s measures training, not this
-    progress.close()
 
-    # ------------------------------------------------------------------ final evaluation
-    with clock.phase("test evaluation and report"):
-        if val_loader is None or not (out / "model" / "model.safetensors").is_file():
+def validate_and_select(config: Config, accelerator, parts, val_loader, state, run_log, *, stop,
+                        class_names: list[str], data_config: dict) -> None:
+    """Validation accuracy; the best weights so far become model/; plateau and early stopping."""
+    from pet_pipeline.evaluation import compute_metrics, predict
+    from pet_pipeline.model import export_model
+    from pet_pipeline.preemption import StopRequested
+
+    with run_log.phase("validation"):
+        predictions = predict(parts.eval_model, val_loader, accelerator,
+                              should_stop=lambda: stop.agreed(accelerator))
+    if predictions is None:
+        raise StopRequested(stop.signal_name or "a signal")
+    metrics = compute_metrics(predictions, class_names)
+    accuracy = metrics["accuracy"]
+    if state.best_accuracy is None or accuracy > state.best_accuracy:
+        state.best_accuracy, state.epochs_since_best = accuracy, 0
+        if accelerator.is_main_process:  # keep the best weights as the exported model
+            with run_log.phase("checkpoints"):
+                export_model(accelerator.unwrap_model(parts.eval_model, keep_torch_compile=False),
+                             run_log.metrics.path.parent / "model", model_name=config.model,
+                             class_names=class_names, data_config=data_config)
+    else:
+        state.epochs_since_best += 1
+    run_log.log({"step": state.global_step, "epoch": state.epoch, "val_accuracy": accuracy,
+                 "val_macro_f1": metrics["macro_f1"]})
+    run_log.print(f"epoch {state.epoch}: val accuracy {accuracy:.4f} (best {state.best_accuracy:.4f})")
+    parts.scheduler.step(state.epoch + 1, accuracy)
+    patience = config.early_stopping_patience
+    if patience is not None and state.epochs_since_best >= patience:
+        run_log.print(f"early stopping: no improvement for {patience} epoch(s)")
+        state.early_stopped = True
+
+
+def final_report(config: Config, accelerator, parts, loaders, pets, state, run_log, *, stop,
+                 class_names: list[str], data_config: dict) -> None:
+    """The best weights (or the last, without validation) on the test split, every rank's
+    predictions gathered once; metrics, plots and the report under eval/."""
+    from safetensors.torch import load_file
+
+    from pet_pipeline.evaluation import STOPPED, evaluate_and_report
+    from pet_pipeline.model import export_model
+    from pet_pipeline.plots import plot_training_curves
+    from pet_pipeline.preemption import StopRequested
+    from pet_pipeline.tracking import read_metrics
+
+    out = run_log.metrics.path.parent
+    eval_model = accelerator.unwrap_model(parts.eval_model, keep_torch_compile=False)
+    with run_log.phase("test evaluation and report"):
+        if loaders.val is None or not (out / "model" / "model.safetensors").is_file():
             if accelerator.is_main_process:  # no validation split: the last weights are the model
-                export_model(unwrapped(eval_model), out / "model", model_name=config.model,
+                export_model(eval_model, out / "model", model_name=config.model,
                              class_names=class_names, data_config=data_config)
         accelerator.wait_for_everyone()
-        best_weights = load_file(str(out / "model" / "model.safetensors"))  # to CPU, then copied
-        unwrapped(eval_model).load_state_dict(best_weights)
+        eval_model.load_state_dict(load_file(str(out / "model" / "model.safetensors")))
         test_metrics = evaluate_and_report(
-            eval_model, test_loader, accelerator, dataset=pets.test, class_names=class_names,
-            data_config=data_config, out_dir=out / "eval", step=state["global_step"],
-            gradcam_images=config.gradcam_images, should_stop=should_stop)
-        if test_metrics is not STOPPED and accelerator.is_main_process:
-            log({"step": state["global_step"], "test_accuracy": test_metrics["accuracy"],
-                 "test_macro_f1": test_metrics["macro_f1"]})
+            parts.eval_model, loaders.test, accelerator, dataset=pets.test, class_names=class_names,
+            data_config=data_config, out_dir=out / "eval", step=state.global_step,
+            gradcam_images=config.gradcam_images, should_stop=lambda: stop.agreed(accelerator))
+        if test_metrics is STOPPED:  # the last checkpoint is complete: a rerun only re-evaluates
+            raise StopRequested(stop.signal_name or "a signal")
+        if accelerator.is_main_process:
+            run_log.log({"step": state.global_step, "test_accuracy": test_metrics["accuracy"],
+                         "test_macro_f1": test_metrics["macro_f1"]})
             plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "training_curves.png")
-            print0(f"test accuracy {test_metrics['accuracy']:.4f} on {test_metrics['n']} images;"
-                   f" report in {out / 'eval'}")
-    log_timing()
-    if test_metrics is STOPPED:  # the last checkpoint is complete: a rerun only re-evaluates
-        accelerator.end_training()
-        return PREEMPTED_EXIT_CODE
-    hint = wandb_sync_hint(accelerator) if accelerator.is_main_process else None
-    accelerator.end_training()
-    if hint:
-        print0(f"W&B ran offline; upload with: {hint}")
-    return 0
+            run_log.print(f"test accuracy {test_metrics['accuracy']:.4f} on {test_metrics['n']} images;"
+                          f" report in {out / 'eval'}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv)
-        return train(config)
+        return train(load_config(argv), argv)
     except UserError as error:
         exit_with(error)
 

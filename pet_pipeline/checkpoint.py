@@ -1,20 +1,28 @@
-"""Resumable checkpoints: Accelerate's `save_state` plus our own small state, atomically.
+"""Resumable checkpoints: Accelerate's `save_state` plus the loop's `TrainState`, complete or absent.
 
     output_dir/checkpoints/step_00000120/   model, optimizer, RNG states (Accelerate),
-                                            train_state.json (epoch, step, early stopping,
-                                            scheduler, W&B run id, model and classes),
-                                            ema.safetensors (when EMA is on)
+                                            train_state.json (TrainState: position, model
+                                            selection, schedule, W&B run id, what was
+                                            trained), ema.safetensors (when EMA is on)
 
-A checkpoint is written to `.tmp-step_...` and renamed when complete, so a job killed while
-saving leaves no folder that `resume: auto` could pick up. Nothing is unpickled: the model
-is safetensors, our state is JSON, and Accelerate loads the rest with weights_only=True.
+A checkpoint is written to `.tmp-step_N`, flushed to disk (fsync) and renamed into place;
+only then are older ones rotated away, so the newest complete checkpoint always survives.
+Saving a step that already has a checkpoint moves the old folder to `.replaced-step_N`
+first; `recover_leftovers` (run at every start) puts it back if the save was killed in
+between and removes any `.tmp-` folder. A resume verifies a checkpoint before trusting it
+(`verify_checkpoint`). Nothing is unpickled: the model is safetensors, our state is JSON,
+and Accelerate's files are loaded with weights_only=True.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,93 +32,303 @@ from pet_pipeline.errors import UserError
 
 STATE_FILE = "train_state.json"
 EMA_FILE = "ema.safetensors"
+MODEL_FILE = "model.safetensors"  # Accelerate's name for the first prepared model
+OPTIMIZER_FILE = "optimizer.bin"
+RNG_FILE = "random_states_{}.pkl"  # one per process
 _NAME = re.compile(r"^step_(\d{8})$")
+TMP_PREFIX, REPLACED_PREFIX = ".tmp-", ".replaced-"
+
+
+# ----------------------------------------------------------------------------- the loop's state
+
+
+@dataclass
+class TrainState:
+    """Everything the training loop carries from step to step, and nothing else.
+
+    Saved as train_state.json in every checkpoint; `state_dict` / `load_state_dict` as in
+    torch. The last group says what was trained, so that a resume can refuse other weights.
+    """
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # micro-batches done in the current epoch (per process)
+    global_step: int = 0  # optimizer steps
+    best_accuracy: float | None = None  # on validation, for model selection
+    epochs_since_best: int = 0
+    early_stopped: bool = False
+    loss_sum: float = 0.0  # training loss not yet logged: summed means over micro-batches
+    loss_count: int = 0
+    scheduler: dict | None = None  # plateau's state (cosine and constant follow the step)
+    wandb_run_id: str = ""
+    # what the weights are
+    model: str = ""
+    class_names: list[str] = field(default_factory=list)
+    data_config: dict = field(default_factory=dict)
+    split: str = ""  # fingerprint of the train/val images
+    num_processes: int | None = None
+    config: dict | None = None  # the run's config as of this checkpoint
+    ema: bool = False
+
+    def finished(self, *, epochs: int, max_steps: int | None) -> bool:
+        """Done with training under these limits (a larger epochs or max_steps continues)."""
+        return (self.early_stopped or self.epoch >= epochs
+                or (max_steps is not None and self.global_step >= max_steps))
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, values: dict) -> TrainState:
+        """Also reads the train_state.json of pet-pipeline before 2026-11-29 (no
+        early_stopped, a `finished` flag instead: such a run is taken as finished)."""
+        values = dict(values)
+        if "finished" in values:
+            values["early_stopped"] = bool(values.pop("finished")) or values.get("early_stopped", False)
+        known = {f.name for f in dataclasses.fields(self)}
+        for key, value in values.items():
+            if key in known:
+                setattr(self, key, value)
+        return self
+
+
+def read_train_state(checkpoint: str | Path) -> dict:
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (half-written ones have a .tmp- name)."""
+def step_of(checkpoint: Path) -> int:
+    return int(_NAME.match(checkpoint.name).group(1))
+
+
+def list_checkpoints(output_dir: str | Path, *, complete_only: bool = True) -> list[Path]:
+    """Checkpoint folders, oldest first. With `complete_only`, those with their state file
+    (written last); else every step_N folder, to tell a used run directory."""
     folder = checkpoints_dir(output_dir)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    found = [p for p in folder.iterdir() if _NAME.match(p.name) and p.is_dir()
+             and (not complete_only or (p / STATE_FILE).is_file())]
+    return sorted(found, key=step_of)
 
 
-def find_resume_checkpoint(resume: str, output_dir: str | Path) -> Path | None:
-    if resume == "none":
-        return None
-    if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"resume: {path} is not a complete checkpoint (no {STATE_FILE}); "
-                        "use resume: auto, none, or another checkpoint folder.")
-    return path
+def recover_leftovers(output_dir: str | Path) -> list[str]:
+    """Undo what a killed save left behind; returns a line per thing done. Main process only."""
+    folder, done = checkpoints_dir(output_dir), []
+    if not folder.is_dir():
+        return done
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(REPLACED_PREFIX):  # killed between the two renames of a re-save
+            final = folder / path.name[len(REPLACED_PREFIX):]
+            if final.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.rename(final)
+                done.append(f"restored {final.name}, whose re-save was interrupted")
+        elif path.name.startswith(TMP_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}, an incomplete checkpoint left by a killed save")
+    return done
 
 
-def read_train_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+def verify_checkpoint(checkpoint: Path) -> str | None:
+    """None when every file of the checkpoint reads back; else why not, in a few words.
+
+    Reads headers and structure, not every byte of the tensors: safetensors headers must
+    cover the file, torch files are opened memory-mapped with weights_only=True.
+    """
+    from accelerate.utils import load as accelerate_load  # weights_only, with numpy's RNG types
+
+    try:
+        state = read_train_state(checkpoint)
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            return f"{STATE_FILE} is not a train state"
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, ValueError):
+        return f"{STATE_FILE} is not valid JSON"
+    processes = state.get("num_processes") or 1
+    required = [MODEL_FILE, OPTIMIZER_FILE, *(RNG_FILE.format(i) for i in range(processes))]
+    if state.get("ema"):
+        required.append(EMA_FILE)
+    for name in required:
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), "pt") as f:
+                    f.keys()
+            elif path.name.startswith("random_states_"):
+                rng = accelerate_load(str(path), map_location="cpu")
+                if not {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(rng):
+                    return f"{path.name} holds no RNG states"
+            elif path.suffix in (".bin", ".pkl"):
+                torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # truncated, garbage, unreadable: each library has its own error
+            return f"{path.name} can't be read ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    return None
 
 
-def check_compatible(state: dict, *, model_name: str, class_names: list[str], checkpoint: Path) -> None:
-    if state["model"] != model_name:
-        raise UserError(f"resume: {checkpoint} holds a {state['model']} model, not {model_name}; "
-                        "use another output_dir or resume: none.")
-    if state["class_names"] != list(class_names):
-        raise UserError(
-            f"resume: {checkpoint} was trained on other classes ({len(state['class_names'])} "
-            f"breeds) than this run ({len(class_names)}); use another output_dir or resume: none."
-        )
+# ----------------------------------------------------------------------------- saving
 
 
-def check_same_split(state: dict, split: str, *, checkpoint: Path) -> None:
-    """Refuse to resume on other train/val images than the checkpoint was trained on."""
-    if state.get("split") != split:
-        raise UserError(
-            f"resume: {checkpoint} was trained on another train/val split (other data, seed, "
-            "val_fraction or breeds, or a pet-pipeline from before 2026-11-28, whose split "
-            "differed); rerun with the settings it was made with, or resume: none."
-        )
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written; the previous one is intact."""
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, state: dict, *, ema=None,
-                    keep: int = 2) -> Path:
-    """Every rank calls this at the same step; returns the final folder."""
-    folder = checkpoints_dir(output_dir)
-    final = folder / f"step_{state['global_step']:08d}"
-    tmp = folder / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        if ema is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
-                      str(tmp / EMA_FILE))
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks complete
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in list_checkpoints(output_dir)[:-keep]:
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems can't sync a directory; the rename is still atomic
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno).lower()
+    return str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+
+
+class Checkpointer:
+    """Writes checkpoints of one run directory; every rank calls `save` at the same step.
+
+    A save that would write exactly the state already saved last is skipped (a stop right
+    after a scheduled checkpoint); a save of an existing step with another state replaces it.
+    """
+
+    def __init__(self, accelerator, output_dir: str | Path, *, ema=None, keep: int = 2):
+        self.accelerator, self.ema, self.keep = accelerator, ema, keep
+        self.folder = checkpoints_dir(output_dir)
+        self._last_saved: dict | None = None
+
+    def mark_saved(self, state: TrainState) -> None:
+        """`state` was just loaded from a checkpoint: saving it unchanged is a no-op."""
+        self._last_saved = state.state_dict()
+
+    def save(self, state: TrainState) -> Path | None:
+        """The checkpoint folder, or None when this state is the one saved last.
+
+        Raises CheckpointWriteError (on every rank) when any rank fails to write.
+        """
+        accelerator = self.accelerator
+        values = state.state_dict()
+        if values == self._last_saved:
+            return None
+        final = self.folder / f"step_{state.global_step:08d}"
+        tmp = self.folder / f"{TMP_PREFIX}{final.name}"
+        error = None
+        try:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        except OSError as e:
+            error = e
+        accelerator.wait_for_everyone()
+        if error is None and tmp.is_dir():
+            try:
+                accelerator.save_state(str(tmp))
+                if accelerator.is_main_process:
+                    if self.ema is not None:
+                        save_file({k: v.detach().cpu().contiguous()
+                                   for k, v in self.ema.state_dict().items()}, str(tmp / EMA_FILE))
+                    (tmp / STATE_FILE).write_text(json.dumps(values, indent=2))  # last: marks complete
+            except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+                error = e
+        if self._any_rank_failed(error is not None or not tmp.is_dir()):
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = self._newest_complete()
+            raise CheckpointWriteError(
+                f"checkpoint {final.name} could not be written to {self.folder}: "
+                f"{_why(error) if error else 'another process failed to write its part'}; freed the "
+                f"partial copy{f' and kept {previous.name}' if previous else ''}; free some space "
+                "(or fix the folder) and rerun the same command to resume.")
+        if accelerator.is_main_process:
+            try:
+                _fsync_tree(tmp)
+                self._commit(tmp, final)
+                self._rotate(newest=final)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointWriteError(
+                    f"checkpoint {final.name} could not be written to {self.folder}: {_why(e)}; "
+                    "freed the partial copy; fix the folder and rerun the same command to resume."
+                ) from None
+        accelerator.wait_for_everyone()
+        self._last_saved = values
+        return final
+
+    def _any_rank_failed(self, failed: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return failed
+        flag = torch.tensor([1.0 if failed else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        if final.exists():  # a re-save of this step: keep the old one until the new is in place
+            replaced = final.with_name(REPLACED_PREFIX + final.name)
+            shutil.rmtree(replaced, ignore_errors=True)
+            final.rename(replaced)
+            tmp.rename(final)
+            _fsync_dir(self.folder)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            tmp.rename(final)
+            _fsync_dir(self.folder)
+
+    def _rotate(self, newest: Path) -> None:
+        """Keep the `keep` newest complete checkpoints up to `newest`; never `newest` itself."""
+        older = [p for p in list_checkpoints(self.folder.parent) if step_of(p) < step_of(newest)]
+        for old in older[: max(0, len(older) - (self.keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+
+    def _newest_complete(self) -> Path | None:
+        found = list_checkpoints(self.folder.parent)
+        return found[-1] if found else None
 
 
-def load_checkpoint(accelerator, checkpoint: Path, *, ema=None) -> dict:
-    """Restore model, optimizer, RNG (Accelerate) and EMA; return our train state."""
+# ----------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(accelerator, checkpoint: str | Path, *, ema=None) -> TrainState:
+    """Restore model, optimizer, RNG (Accelerate) and EMA; return the loop's state."""
+    checkpoint = Path(checkpoint)
     accelerator.load_state(str(checkpoint))
     if ema is not None and (checkpoint / EMA_FILE).is_file():
         ema.load_state_dict(load_file(str(checkpoint / EMA_FILE)))
-    return read_train_state(checkpoint)
+    return TrainState().load_state_dict(read_train_state(checkpoint))
+
+
+def check_same_split(state: TrainState, split: str, *, checkpoint: Path) -> None:
+    """Refuse to resume on other train/val images than the checkpoint was trained on."""
+    if state.split != split:
+        raise UserError(
+            f"resume: {checkpoint} was trained on another train/val split (other data, seed, "
+            "val_fraction or breeds, or a pet-pipeline from before 2026-11-28, whose split "
+            "differed); rerun with the settings it was made with, or resume: overwrite."
+        )
 
 
 def json_safe(value):

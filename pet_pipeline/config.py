@@ -124,7 +124,9 @@ class Config:
     wandb_project: str = _field("pet-pipeline", "W&B project name.")
     run_name: str | None = _field(None, "Run name in the tracker (default: the output folder's name).")
     resume: str = _field(
-        "auto", "auto (newest valid checkpoint in output_dir), none, or a checkpoint path."
+        "auto", "auto (continue the run in output_dir from its newest valid checkpoint, or start "
+        "one), none (a new run; refused where a run is), overwrite (move the run in output_dir "
+        "to a sibling folder, then start a new one), or a checkpoint path."
     )
     checkpoint_steps: int | None = _field(
         None, "Also checkpoint every this many optimizer steps (epoch ends always are)."
@@ -192,10 +194,9 @@ def validate(c: Config) -> None:
         raise UserError("breeds: the list is empty; name at least one breed or leave it out.")
     if c.pretrained_path is not None and not Path(c.pretrained_path).is_file():
         raise UserError(f"pretrained_path: {c.pretrained_path} is not a file; give a weights file.")
-    if c.resume not in ("auto", "none") and not Path(c.resume).is_dir():
-        raise UserError(
-            f"resume: {c.resume} is not a checkpoint folder; use auto, none or a checkpoint path."
-        )
+    if c.resume not in ("auto", "none", "overwrite") and not Path(c.resume).is_dir():
+        raise UserError(f"resume: {c.resume} is not a checkpoint folder; use auto, none, overwrite "
+                        "or a checkpoint path.")
 
 
 # ----------------------------------------------------------------------------- parsing

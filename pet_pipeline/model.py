@@ -1,4 +1,5 @@
-"""The timm model: creation with pretrained weights (Hub or local file), export and reload."""
+"""The timm model: creation with pretrained weights (Hub or local file), export, and loading
+a trained one from a run's model/ folder or a checkpoint."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
+from pet_pipeline.checkpoint import EMA_FILE, STATE_FILE
 from pet_pipeline.errors import UserError
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
+CHECKPOINT_WEIGHTS = "model.safetensors"  # the model's file in Accelerate's save_state
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _size_kwargs(model_name: str, image_size: int | None) -> dict:
@@ -40,16 +44,17 @@ def build_model(
                   **_size_kwargs(model_name, image_size))
     if pretrained_path is not None:
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_path))
+    load_weights = pretrained or pretrained_path is not None
     try:
-        return timm.create_model(model_name, pretrained=pretrained or pretrained_path is not None,
-                                 **kwargs)
-    except TypeError as e:
-        if "drop_path_rate" in str(e):  # families without stochastic depth
-            kwargs.pop("drop_path_rate")
-            return timm.create_model(model_name, pretrained=pretrained, **kwargs)
-        raise
+        try:
+            return timm.create_model(model_name, pretrained=load_weights, **kwargs)
+        except TypeError as e:
+            if "drop_path_rate" not in str(e):
+                raise
+            kwargs.pop("drop_path_rate")  # families without stochastic depth: same call without it
+            return timm.create_model(model_name, pretrained=load_weights, **kwargs)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
-        if not pretrained and pretrained_path is None:
+        if not load_weights:
             raise
         if pretrained_path is not None:
             raise UserError(
@@ -68,7 +73,7 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, *, model_name: str
     """`model.safetensors` + `config.json` in the layout timm's Hub models use (pass the
     plain model: `accelerator.unwrap_model(model, keep_torch_compile=False)`).
 
-    Load with evaluate.py, with `load_exported_model`, or with plain timm:
+    Load with evaluate.py, with `load_trained_model`, or with plain timm:
     `timm.create_model(name, num_classes=K, pretrained=True,
     pretrained_cfg_overlay={"file": ".../model.safetensors", "num_classes": K})` (without
     "num_classes" there, timm would drop the trained head as not matching ImageNet's 1000).
@@ -88,33 +93,81 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, *, model_name: str
     (out_dir / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def read_export_config(model_dir: str | Path) -> dict:
-    model_dir = Path(model_dir)
-    config_path, weights = model_dir / EXPORT_CONFIG, model_dir / EXPORT_WEIGHTS
-    if not config_path.is_file() or not weights.is_file():
-        raise UserError(
-            f"model_dir: {model_dir} lacks {EXPORT_CONFIG} or {EXPORT_WEIGHTS}; point it at "
-            "the model/ folder of a finished run."
-        )
+def unwrap_state_dict(state: dict) -> dict:
+    """Keys without the prefixes that wrappers add, in any order and number: `module.` (DDP,
+    and timm's ModelEmaV3) and `_orig_mod.` (torch.compile)."""
+    unwrapped = {}
+    for key, value in state.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        unwrapped[key] = value
+    return unwrapped
+
+
+def _describe_export(model_dir: Path) -> dict:
+    config_path = model_dir / EXPORT_CONFIG
     try:
         config = json.loads(config_path.read_text())
         config["architecture"], config["label_names"]  # noqa: B018 - required keys
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"model_dir: {config_path} is not a model config written by train.py.") from None
-    return config
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"model_dir: {config_path} is not a model config written by train.py; "
+                        "point model_dir at a run's model/ folder.") from None
+    config.setdefault("pretrained_cfg", {})
+    return {**config, "weights": model_dir / EXPORT_WEIGHTS, "run_dir": model_dir.parent}
 
 
-def load_exported_model(model_dir: str | Path) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, its config) from a folder written by `export_model`."""
-    config = read_export_config(model_dir)
-    size = config.get("pretrained_cfg", {}).get("input_size", [3, None, None])[-1]
-    model = build_model(config["architecture"], num_classes=len(config["label_names"]),
-                        pretrained=False, image_size=size)
+def _describe_checkpoint(checkpoint: Path) -> dict:
+    state_path = checkpoint / STATE_FILE
     try:
-        model.load_state_dict(load_file(str(Path(model_dir) / EXPORT_WEIGHTS)))
+        state = json.loads(state_path.read_text())
+        model_name, class_names = state["model"], list(state["class_names"])
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"model_dir: {state_path} is not a train state written by train.py; "
+                        "point model_dir at another checkpoint or at the run's model/ folder.") from None
+    if "data_config" not in state:
+        raise UserError(f"model_dir: {checkpoint} is a checkpoint without a data config (from an "
+                        "older pet-pipeline); use the run's model/ folder instead.")
+    ema = checkpoint / EMA_FILE
+    return {"architecture": model_name, "num_classes": len(class_names), "label_names": class_names,
+            "pretrained_cfg": state["data_config"],
+            "weights": ema if ema.is_file() else checkpoint / CHECKPOINT_WEIGHTS,
+            "run_dir": checkpoint.parent.parent}
+
+
+def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, its description) from a run's `model/` folder (`export_model`) or
+    one of its `checkpoints/step_N` folders, whose EMA weights are used when it has some.
+
+    Checkpoints of any process count and of compiled models load (`unwrap_state_dict`). The
+    description holds `architecture`, `num_classes`, `label_names`, `pretrained_cfg` (the
+    data config), `weights` (the file loaded) and `run_dir` (the run's output_dir).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model_dir: {path} is not a folder; give a run's model/ folder or one "
+                        "of its checkpoints/step_N folders.")
+    if (path / STATE_FILE).is_file():
+        description = _describe_checkpoint(path)
+    elif (path / EXPORT_CONFIG).is_file():
+        description = _describe_export(path)
+    else:
+        raise UserError(f"model_dir: {path} has neither {EXPORT_CONFIG} nor {STATE_FILE}; give a "
+                        "run's model/ folder or one of its checkpoints/step_N folders.")
+    weights, name = description["weights"], description["architecture"]
+    num_classes = len(description["label_names"])
+    if not weights.is_file():
+        raise UserError(f"model_dir: {path} has no {weights.name}; give a run's model/ folder or "
+                        "another of its checkpoints.")
+    size = description["pretrained_cfg"].get("input_size", [3, None, None])[-1]
+    try:
+        model = build_model(name, num_classes=num_classes, pretrained=False, image_size=size)
+    except RuntimeError as e:  # unknown to this timm
+        raise UserError(f"model_dir: {path} holds a {name}, which timm {timm.__version__} can't "
+                        f"build ({str(e).splitlines()[0][:100]}); install the timm the run used.") from None
+    try:
+        model.load_state_dict(unwrap_state_dict(load_file(str(weights))))
     except Exception as e:
-        raise UserError(
-            f"model_dir: {Path(model_dir) / EXPORT_WEIGHTS} can't be loaded ({str(e)[:120]}); "
-            "re-export it from the run's checkpoint."
-        ) from None
-    return model.eval(), config
+        raise UserError(f"model_dir: {weights} does not fit {name} with {num_classes} classes "
+                        f"({str(e).splitlines()[0][:100]}); give a run's model/ folder or another "
+                        "of its checkpoints.") from None
+    return model.eval(), description

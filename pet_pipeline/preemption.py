@@ -1,8 +1,9 @@
 """Stop requests from SLURM (USR1 ahead of the time limit) or a scheduler (SIGTERM).
 
-The handler only raises a flag. The training loop asks `StopFlag.agreed(accelerator)` at
-every optimizer step and after every evaluation batch; all ranks reduce the flag together,
-so they stop, checkpoint and exit at the same step even if only one got the signal.
+The handler only raises a flag. The training loop calls `StopFlag.check(accelerator)` at
+every optimizer step and evaluation asks `agreed` after every batch; all ranks reduce the
+flag together, so they stop, checkpoint and exit at the same step even if only one got the
+signal. `check` raises `StopRequested`, which train.py handles in one place.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import torch
 # Exit status of a run that stopped on a signal after saving a checkpoint. The sbatch
 # scripts requeue on it; rerun with resume: auto (the default) to continue.
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
+
+
+class StopRequested(Exception):
+    """Every rank agreed to stop: checkpoint and exit with PREEMPTED_EXIT_CODE."""
 
 
 class StopFlag:
@@ -34,3 +39,8 @@ class StopFlag:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def check(self, accelerator) -> None:
+        """Raise StopRequested on every rank when any rank was signalled."""
+        if self.agreed(accelerator):
+            raise StopRequested(self.signal_name or "a signal")

@@ -123,3 +123,83 @@ class PhaseClock:
         training = total - sum(self.seconds.values())
         phases = {**self.seconds, "training": training, "total": total}
         return {f"time/{name.replace(' ', '_')}_s": round(seconds, 3) for name, seconds in phases.items()}
+
+
+class RunLog:
+    """Everything a run reports, in one place: the console (once per job), metrics.jsonl,
+    the trackers, the training throughput and where the wall time went.
+
+        run_log.print("...")                     # main process only; keeps tqdm's bar intact
+        run_log.log({"step": 3, "train_loss": 0.7})
+        with run_log.phase("validation"):        # timed, and left out of images/s
+            ...
+        run_log.count_images(64); run_log.images_per_s()
+    """
+
+    def __init__(self, accelerator, metrics_path: str | Path, *, resume_step: int | None,
+                 clock: PhaseClock | None = None):
+        self.accelerator = accelerator
+        self.is_main = accelerator.is_main_process
+        self.metrics = MetricsLog(metrics_path, enabled=self.is_main, resume_step=resume_step)
+        self.clock = clock or PhaseClock()
+        self._images, self._since, self._paused = 0, time.perf_counter(), 0.0
+
+    def print(self, message: str) -> None:
+        if self.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
+
+    def log(self, record: dict) -> None:
+        """One record for metrics.jsonl and the trackers; `record["step"]` is the step."""
+        self.metrics.write(record)
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        with self.clock.phase(name):
+            yield
+        self._paused += time.perf_counter() - start
+
+    def count_images(self, n: int) -> None:
+        self._images += n
+
+    def images_per_s(self) -> float:
+        """Training images per second since the last call, phases excluded."""
+        now = time.perf_counter()
+        rate = self._images / max(1e-9, now - self._since - self._paused)
+        self._images, self._since, self._paused = 0, now, 0.0
+        return rate
+
+    def log_timing(self, step: int) -> None:
+        """Where this process's wall time went, from the start of train() (imports not
+        counted; a resumed run accounts for its own process only). training is the rest:
+        the loop itself, with worker start-up and any compilation."""
+        timing = self.clock.summary()
+        if self.is_main:
+            self.log({"step": step, **timing})
+            self.print("time: " + ", ".join(f"{key[5:-2].replace('_', ' ')} {seconds:.1f} s"
+                                            for key, seconds in timing.items()))
+
+
+class RunningLoss:
+    """The training loss summed on the device between logs: no host-device sync per step."""
+
+    def __init__(self, device):
+        import torch
+
+        self.total = torch.zeros((), device=device)
+        self.count = 0
+
+    def add(self, loss) -> None:
+        self.total += loss.detach()
+        self.count += 1
+
+    def move_into(self, state, accelerator) -> None:
+        """Add the sum (averaged over ranks) to the train state, which checkpoints carry.
+        A host-device sync point and a collective: every rank calls it at the same step."""
+        state.loss_sum += accelerator.reduce(self.total, "mean").item()
+        state.loss_count += self.count
+        self.total.zero_()
+        self.count = 0

@@ -161,3 +161,103 @@ def test_bad_model_folders_and_data_end_in_one_sentence(trained_run, env, tmp_pa
         assert "Traceback" not in result.stderr, name
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and key in errors[0], f"{name}: {result.stderr[-500:]}"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def fake_checkpoint(run_dir: Path, weights: dict, *, ema: dict | None = None) -> Path:
+    """A checkpoints/step_N folder as train.py leaves it, holding the given state dicts."""
+    from safetensors.torch import save_file
+
+    from pet_pipeline.transforms import model_data_config
+
+    checkpoint = run_dir / "checkpoints" / "step_00000010"
+    checkpoint.mkdir(parents=True)
+    save_file(weights, str(checkpoint / "model.safetensors"))
+    if ema is not None:
+        save_file(ema, str(checkpoint / "ema.safetensors"))
+    data_config = model_data_config("coatnet_nano_rw_224", 32)
+    (checkpoint / "train_state.json").write_text(json.dumps(
+        {"global_step": 10, "model": "coatnet_nano_rw_224", "class_names": list(CAT_BREEDS),
+         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}}))
+    return checkpoint
+
+
+def tiny_coatnet(seed: int):
+    import torch
+
+    from pet_pipeline.model import build_model
+
+    torch.manual_seed(seed)
+    return build_model("coatnet_nano_rw_224", num_classes=len(CAT_BREEDS), pretrained=False,
+                       image_size=32).eval()
+
+
+@pytest.mark.parametrize("prefix", ["module._orig_mod.", "_orig_mod.module.", "module.", "_orig_mod.", ""])
+def test_a_checkpoint_loads_whatever_wrapped_the_model(tmp_path, prefix):
+    """accelerate's save_state keeps the DDP (`module.`) and torch.compile (`_orig_mod.`)
+    prefixes: a checkpoint of any process count, compiled or not, gives the same model."""
+    import torch
+
+    from pet_pipeline.model import load_trained_model
+
+    source = tiny_coatnet(seed=1)
+    weights = {prefix + k: v.contiguous() for k, v in source.state_dict().items()}
+    checkpoint = fake_checkpoint(tmp_path / "run", weights)
+    loaded, description = load_trained_model(checkpoint)
+    assert not loaded.training
+    assert description["label_names"] == list(CAT_BREEDS) and description["num_classes"] == 12
+    assert description["run_dir"] == tmp_path / "run"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)
+
+
+def test_a_checkpoint_with_ema_loads_the_ema_weights(tmp_path):
+    import torch
+    from timm.utils import ModelEmaV3
+
+    from pet_pipeline.model import load_trained_model
+
+    trained, averaged = tiny_coatnet(seed=1), tiny_coatnet(seed=2)
+    weights = {"module." + k: v.contiguous() for k, v in trained.state_dict().items()}
+    ema = ModelEmaV3(averaged)  # saved as checkpoint.save_checkpoint does: keys `module.`
+    checkpoint = fake_checkpoint(tmp_path / "run", weights,
+                                 ema={k: v.contiguous() for k, v in ema.state_dict().items()})
+    loaded, description = load_trained_model(checkpoint)
+    assert description["weights"].name == "ema.safetensors"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), averaged(x), rtol=0, atol=0)
+        assert not torch.allclose(loaded(x), trained(x))
+
+
+@pytest.mark.slow
+def test_a_two_process_checkpoint_evaluates_like_the_exported_model(env, tmp_path):
+    """A run trained by 2 processes with EMA: its last checkpoint, evaluated by 2 processes,
+    predicts as its model/ folder (the same final EMA weights without validation) with 1."""
+    two = {**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    out = tmp_path / "run"
+    ok(run("train.py", [*TINY, "--ema_decay", "0.9", "--val_fraction", "0", "--epochs", "1",
+                        "--gradcam_images", "0", "--output_dir", str(out)], two, launcher=torchrun))
+    (checkpoint,) = sorted((out / "checkpoints").glob("step_*"))[-1:]
+    assert (checkpoint / "ema.safetensors").is_file()
+    args = ["--batch_size", "7", "--gradcam_images", "0"]
+    ok(run("evaluate.py", [*args, "--model_dir", str(out / "model"), "--output_dir", str(tmp_path / "model")],
+           env))
+    result = ok(run("evaluate.py", [*args, "--model_dir", str(checkpoint),
+                                    "--output_dir", str(tmp_path / "checkpoint")], two, launcher=torchrun))
+    assert "2 process(es)" in result.stdout
+    with open(tmp_path / "model/predictions.csv", newline="") as f:
+        from_model = list(csv.DictReader(f))
+    with open(tmp_path / "checkpoint/predictions.csv", newline="") as f:
+        from_checkpoint = list(csv.DictReader(f))
+    assert len(from_model) == 96
+    # same images, labels and predictions; the confidence (4 digits) to its last digit, as
+    # other batches may round it the other way
+    columns = ("image_id", "true", "predicted")
+    assert [[r[c] for c in columns] for r in from_checkpoint] == [[r[c] for c in columns] for r in from_model]
+    assert [float(r["confidence"]) for r in from_checkpoint] == pytest.approx(
+        [float(r["confidence"]) for r in from_model], abs=1.1e-4)

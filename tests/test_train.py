@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pet_pipeline.checkpoint import check_compatible, check_same_split, list_checkpoints
+from pet_pipeline.checkpoint import TrainState, check_same_split, list_checkpoints
 from pet_pipeline.errors import UserError
 from pet_pipeline.model import build_model
 from pet_pipeline.preemption import PREEMPTED_EXIT_CODE
@@ -100,9 +100,9 @@ def test_end_to_end_learns_writes_every_output_and_logs_wandb_offline(tmp_path, 
     # the exported model loads with plain timm and gives the same outputs as ours
     import timm
 
-    from pet_pipeline.model import load_exported_model
+    from pet_pipeline.model import load_trained_model
 
-    ours, config = load_exported_model(out / "model")
+    ours, config = load_trained_model(out / "model")
     plain = timm.create_model(config["architecture"], num_classes=config["num_classes"],
                               img_size=32, pretrained=True,
                               pretrained_cfg_overlay={"file": str(out / "model/model.safetensors"),
@@ -248,22 +248,12 @@ def test_model_without_pretrained_weights_is_refused():
         build_model("coatnet_rmlp_0_rw_224", num_classes=12, pretrained=True)
 
 
-def test_checkpoint_of_other_model_or_classes_is_refused(tmp_path):
-    state = {"model": "coatnet_0_rw_224", "class_names": ["Abyssinian", "Bengal"]}
-    with pytest.raises(UserError, match="coatnet_0_rw_224 model"):
-        check_compatible(state, model_name="resnet18", class_names=["Abyssinian", "Bengal"],
-                         checkpoint=tmp_path)
-    with pytest.raises(UserError, match="other classes"):
-        check_compatible(state, model_name="coatnet_0_rw_224", class_names=["Abyssinian"],
-                         checkpoint=tmp_path)
-
-
 def test_checkpoint_of_another_split_is_refused(tmp_path):
-    check_same_split({"split": "0123abcd"}, "0123abcd", checkpoint=tmp_path)  # the same: fine
+    check_same_split(TrainState(split="0123abcd"), "0123abcd", checkpoint=tmp_path)  # the same: fine
     with pytest.raises(UserError, match="another train/val split"):
-        check_same_split({"split": "0123abcd"}, "4567ef00", checkpoint=tmp_path)
+        check_same_split(TrainState(split="0123abcd"), "4567ef00", checkpoint=tmp_path)
     with pytest.raises(UserError, match="another train/val split"):  # made before splits were recorded
-        check_same_split({}, "4567ef00", checkpoint=tmp_path)
+        check_same_split(TrainState().load_state_dict({}), "4567ef00", checkpoint=tmp_path)
 
 
 def test_half_written_checkpoints_are_never_picked_up(tmp_path):
@@ -299,7 +289,7 @@ def test_mixup_class_weights_plateau_early_stopping_and_tensorboard(tmp_path, en
 
 
 @pytest.mark.slow
-def test_resume_none_starts_fresh_and_resume_path_uses_that_checkpoint(tmp_path, env):
+def test_resume_overwrite_starts_fresh_and_resume_path_uses_that_checkpoint(tmp_path, env):
     out = tmp_path / "run"
     args = [*TINY, "--val_fraction", "0", "--keep_checkpoints", "5", "--output_dir", str(out)]
     assert_ok(run_train([*args, "--epochs", "2"], env))
@@ -310,7 +300,7 @@ def test_resume_none_starts_fresh_and_resume_path_uses_that_checkpoint(tmp_path,
     assert f"resuming from {first.name}, step {first_step}" in again.stdout
     epochs = [json.loads((c / "train_state.json").read_text())["epoch"] for c in list_checkpoints(out)]
     assert epochs == [1, 2, 3]
-    fresh = run_train([*args, "--epochs", "1", "--resume", "none"], env)
+    fresh = run_train([*args, "--epochs", "1", "--resume", "overwrite"], env)
     assert_ok(fresh)
     assert "resuming" not in fresh.stdout
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][-1] == first_step  # starts over

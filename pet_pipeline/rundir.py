@@ -1,0 +1,302 @@
+"""The run directory: one owner at a time, and what a start in it means.
+
+    run_dir = RunDirectory(config.output_dir)
+    run_dir.lock()                          # main process, before any heavy work
+    plan = run_dir.begin(config, num_processes=2, argv=sys.argv[1:])
+    plan.action                             # "new", "resume" or "re-evaluate"
+    plan.checkpoint                         # the verified checkpoint to resume from
+
+What `begin` decides, from what the folder holds:
+- nothing (or a start killed before its first checkpoint): a new run;
+- checkpoints of a run with the same training-defining config: resume the newest one that
+  passes verification (`resume: auto`), or re-evaluate it when it is finished;
+- a different config: keys that change what is trained are refused, naming them; the others
+  (logging, workers, checkpoint cadence, a larger `epochs` or `max_steps`) are accepted;
+- `resume: none` where a run is: refused; `resume: overwrite` moves that run aside first.
+
+config.yaml is written by the start that creates the run and never rewritten; every start
+appends a line to starts.jsonl (when, where, what it did, which keys it changed).
+
+The lock is `output_dir/.lock`, held with flock(2) for the life of the process and naming
+its holder (pid, host, SLURM job). The kernel drops it when the process dies, so a stale lock
+is taken over. On shared cluster filesystems flock works across nodes where the filesystem
+supports it (NFSv4, GPFS, BeeGFS, Lustre mounted with `-o flock`); where it is node-local
+(Lustre `localflock`, NFS `nolock`) two jobs on different nodes are not kept apart, and
+where flock is refused outright the holder named in the file decides (same host: is it alive;
+same SLURM job: an earlier attempt of this job, taken over; otherwise refused).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pet_pipeline.checkpoint import (
+    STATE_FILE,
+    TrainState,
+    list_checkpoints,
+    read_train_state,
+    recover_leftovers,
+    verify_checkpoint,
+)
+from pet_pipeline.errors import UserError
+
+LOCK_FILE = ".lock"
+STARTS_FILE = "starts.jsonl"
+CONFIG_FILE = "config.yaml"
+
+# Keys that don't change what is trained: a resumed run may change them.
+FREE_KEYS = ("report_to", "wandb_project", "run_name", "log_every", "num_workers", "gradcam_images",
+             "eval_batch_size", "checkpoint_steps", "keep_checkpoints", "compile", "channels_last",
+             "mixed_precision", "strict_data")
+# Keys that say where and how to start, not what the run is: never compared.
+START_KEYS = ("resume", "output_dir")
+# Keys that may grow to train for longer (the schedule then follows the new length).
+EXTENDABLE_KEYS = ("epochs", "max_steps")
+
+
+# ----------------------------------------------------------------------------- the decision
+
+
+@dataclass
+class StartPlan:
+    action: str  # "new", "resume" or "re-evaluate"
+    checkpoint: str | None = None
+    messages: list[str] = field(default_factory=list)  # printed once, before the summary
+    changed: dict = field(default_factory=dict)  # key -> [run's value, this start's value]
+
+
+def config_changes(before: dict, after: dict) -> tuple[dict, dict]:
+    """(refused, accepted) changes between a run's config and this start's, key -> [old, new]."""
+    refused, accepted = {}, {}
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if old == new or key not in after or key in START_KEYS:  # key not in after: an old key
+            continue
+        if key in FREE_KEYS or (key in EXTENDABLE_KEYS and _extends(old, new)):
+            accepted[key] = [old, new]
+        else:
+            refused[key] = [old, new]
+    return refused, accepted
+
+
+def _extends(old, new) -> bool:
+    """`new` allows at least as much training as `old` (None: no limit)."""
+    return new is None or (old is not None and new >= old)
+
+
+def _describe(changes: dict) -> str:
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
+# ----------------------------------------------------------------------------- the directory
+
+
+class RunDirectory:
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir)
+        self._lock_fd: int | None = None
+        self.took_over: dict | None = None  # the dead holder whose lock this start took over
+
+    # ------------------------------------------------------------------ lock
+
+    def lock(self) -> None:
+        """Create the folder and hold its lock until the process ends; UserError when another
+        live process holds it."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"output_dir: {self.path} can't be written ({os.strerror(e.errno or 0)}); "
+                            "choose a folder you can write to.") from None
+        holder = _read_holder(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise UserError(self._busy(holder)) from None
+            if not _holder_gone(holder):  # flock not supported here: the holder's record decides
+                os.close(fd)
+                raise UserError(self._busy(holder)) from None
+        self._lock_fd = fd
+        self.took_over = holder if holder and holder.get("pid") != os.getpid() else None
+        atexit.register(self.unlock)  # a normal end, error exits included, leaves no holder
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+              "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+
+    def _busy(self, holder: dict | None) -> str:
+        who = "another process"
+        if holder:
+            who = (f"process {holder.get('pid')} on {holder.get('host')}"
+                   + (f" (SLURM job {holder['slurm_job']})" if holder.get("slurm_job") else "")
+                   + (f", since {holder['since']}" if holder.get("since") else ""))
+        return (f"output_dir: {self.path} is in use by {who}; wait for that run to end, stop it, "
+                "or give this one another output_dir.")
+
+    def unlock(self) -> None:
+        """Release the lock at a normal end (the kernel does it at any other end)."""
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)  # no holder: the next start has nothing to take over
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------ what a start means
+
+    def begin(self, config, *, num_processes: int, argv: list[str]) -> StartPlan:
+        """Decide what this start does, act on it (clean up, move aside, write config.yaml)
+        and record it in starts.jsonl. Main process only, with the lock held."""
+        from pet_pipeline.config import save_config, to_dict
+
+        plan = StartPlan(action="new")
+        plan.messages += recover_leftovers(self.path)
+        wanted = to_dict(config)
+        used = list_checkpoints(self.path, complete_only=False)
+        if config.resume == "overwrite":
+            if self._holds_a_run():
+                plan.messages.append(f"moved the earlier run to {self._move_aside()} (resume: overwrite)")
+        elif config.resume == "none":
+            if used:
+                raise UserError(
+                    f"output_dir: {self.path} holds a run (checkpoints up to {used[-1].name}); continue it "
+                    "with resume: auto, replace it with resume: overwrite (the old run is moved to a "
+                    "sibling folder, not deleted), or give another output_dir.")
+        else:
+            checkpoint = self._checkpoint_to_resume(config.resume, used, plan)
+            if checkpoint is not None:
+                state = TrainState().load_state_dict(read_train_state(checkpoint))
+                before = state.config or self._config_yaml() or {}
+                before = {**before, "processes": state.num_processes or num_processes}
+                refused, accepted = config_changes(before, {**wanted, "processes": num_processes})
+                if refused:
+                    raise UserError(
+                        f"output_dir: {self.path} holds a run trained with other values of "
+                        f"{_describe(refused)}, which change what is trained; rerun with the run's own "
+                        f"values (its {STATE_FILE} and {CONFIG_FILE}) to continue it, or start a new run "
+                        "with another output_dir or resume: overwrite.")
+                plan.checkpoint, plan.changed = str(checkpoint), accepted
+                finished = state.finished(epochs=config.epochs, max_steps=config.max_steps)
+                plan.action = "re-evaluate" if finished else "resume"
+                if accepted:
+                    plan.messages.append(f"config: accepted changes that keep what was trained: "
+                                         f"{_describe(accepted)}")
+                if finished:
+                    plan.messages.append(
+                        f"output_dir: {self.path} holds a finished run (step {state.global_step}); "
+                        "re-evaluating it. To train longer, raise epochs or max_steps.")
+        if plan.action == "new":
+            save_config(config, self.path / CONFIG_FILE)
+        self._record_start(plan, num_processes=num_processes, argv=argv)
+        return plan
+
+    def _checkpoint_to_resume(self, resume: str, used: list[Path], plan: StartPlan) -> Path | None:
+        """The checkpoint a start continues from, verified; None for a new run."""
+        if resume != "auto":  # an explicit checkpoint folder
+            checkpoint = Path(resume)
+            problem = verify_checkpoint(checkpoint)
+            if problem:
+                raise UserError(f"resume: {checkpoint} can't be used ({problem}); give another "
+                                "checkpoint, or resume: auto.")
+            mine = [p.resolve() for p in used]
+            if checkpoint.resolve() in mine:  # an earlier point of this run: set its future aside
+                newer = [p for p in used if p.name > checkpoint.name]
+                if newer:
+                    plan.messages.append(f"moved {len(newer)} newer checkpoint(s) to "
+                                         f"{self._discard(newer)} (resuming from an earlier one)")
+            elif used:
+                raise UserError(f"output_dir: {self.path} holds another run; resume from {checkpoint} "
+                                "into an empty output_dir, or use resume: overwrite here first.")
+            return checkpoint
+        skipped = []
+        for checkpoint in reversed(used):  # newest first
+            problem = verify_checkpoint(checkpoint)
+            if problem is None:
+                plan.messages += skipped
+                return checkpoint
+            skipped.append(f"skipping checkpoint {checkpoint.name}: {problem}")
+        if used:
+            raise UserError(
+                f"output_dir: none of the {len(used)} checkpoint(s) in {self.path / 'checkpoints'} can "
+                f"be used ({'; '.join(s.split(': ', 1)[1] for s in skipped)}); restore one from a "
+                "backup, or start over with resume: overwrite.")
+        return None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _holds_a_run(self) -> bool:
+        return any(p.name != LOCK_FILE for p in self.path.iterdir())
+
+    def _move_aside(self) -> Path:
+        """Move everything but the lock to a sibling folder named after now; returns it."""
+        target = self.path.with_name(f"{self.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while target.exists():
+            target, n = target.with_name(f"{target.name.split('~')[0]}~{n}"), n + 1
+        target.mkdir()
+        for entry in sorted(self.path.iterdir(), key=lambda p: p.name != "checkpoints"):
+            if entry.name != LOCK_FILE:
+                entry.rename(target / entry.name)
+        return target
+
+    def _discard(self, checkpoints: list[Path]) -> Path:
+        target = self.path / "checkpoints-discarded" / time.strftime("%Y%m%d-%H%M%S")
+        target.mkdir(parents=True, exist_ok=True)
+        for checkpoint in checkpoints:
+            checkpoint.rename(target / checkpoint.name)
+        return target
+
+    def _config_yaml(self) -> dict | None:
+        from pet_pipeline.config import read_yaml
+
+        path = self.path / CONFIG_FILE
+        return read_yaml(str(path)) if path.is_file() else None
+
+    def _record_start(self, plan: StartPlan, *, num_processes: int, argv: list[str]) -> None:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
+                  "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                  "processes": num_processes, "argv": list(argv), **dataclasses.asdict(plan)}
+        record.pop("messages")
+        with open(self.path / STARTS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_starts(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / STARTS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        text = os.pread(fd, 4096, 0).decode()
+        return json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _holder_gone(holder: dict | None) -> bool:
+    """Without flock: is the recorded holder certainly not running any more?"""
+    if not holder:
+        return True
+    if holder.get("slurm_job") and holder.get("slurm_job") == os.environ.get("SLURM_JOB_ID"):
+        return True  # an earlier attempt of this (requeued) job
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+    return False

@@ -1,0 +1,345 @@
+"""The run directory: one owner, what a start means, checkpoints that can't lose progress.
+
+Decisions are tested on `RunDirectory.begin` with the checkpoints of one real tiny run;
+what must hold for the real script (exit status, messages, kills at exact points, a full
+disk) runs train.py in a subprocess, with faults injected by tests/faults.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pet_pipeline.checkpoint import (
+    TrainState,
+    list_checkpoints,
+    read_train_state,
+    recover_leftovers,
+    verify_checkpoint,
+)
+from pet_pipeline.config import build_config
+from pet_pipeline.errors import UserError
+from pet_pipeline.rundir import RunDirectory, config_changes, read_starts
+from pet_pipeline.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULTS = ROOT / "tests" / "faults.py"
+
+# 12 cat breeds x 8 trainval images at 48 px, trained at 32 px, no validation: 9 steps an
+# epoch, ~1 s a step on 2 cores; no Grad-CAM in the report.
+TINY = {
+    "dataset": "synthetic", "synthetic_images_per_class": 16, "synthetic_image_size": 48,
+    "model": "coatnet_nano_rw_224", "pretrained": False, "image_size": 32, "batch_size": 8,
+    "lr": 2e-3, "num_workers": 0, "log_every": 1, "drop_path_rate": 0.0, "report_to": "none",
+    "val_fraction": 0.0, "gradcam_images": 0,
+}
+
+
+def cli(values: dict) -> list[str]:
+    return [arg for key, value in values.items() for arg in (f"--{key}", str(value).lower()
+                                                             if isinstance(value, bool) else str(value))]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    environment = dict(os.environ)
+    environment.update(PET_PIPELINE_CACHE=str(tmp_path_factory.mktemp("pet-cache")),
+                       HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="2",
+                       PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    return environment
+
+
+def run_train(values: dict, env, *, faults: str | None = None, timeout=600):
+    launcher = [sys.executable, str(FAULTS), faults] if faults else [sys.executable]
+    return subprocess.run([*launcher, str(ROOT / "train.py"), *cli(values)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result):
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def refused(result, *fragments):
+    """Exit 2 with one `error:` sentence holding every fragment, and no traceback."""
+    assert result.returncode == 2, f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, env):
+    """A finished run of 4 steps with a checkpoint after each (step 1..4 kept)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    ok(run_train({**TINY, "max_steps": 4, "checkpoint_steps": 1, "keep_checkpoints": 5,
+                  "output_dir": out}, env))
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / ".lock").unlink(missing_ok=True)
+    return out
+
+
+def config(out: Path, **changes):
+    return build_config({**TINY, "max_steps": 4, "checkpoint_steps": 1, "keep_checkpoints": 5,
+                         "output_dir": str(out), **changes})
+
+
+def begin(out: Path, **changes):
+    return RunDirectory(out).begin(config(out, **changes), num_processes=1, argv=[])
+
+
+# --------------------------------------------------------------------------- what a start means
+
+
+def test_a_finished_run_is_re_evaluated_and_a_larger_max_steps_resumes_it(run_copy):
+    state = read_train_state(list_checkpoints(run_copy)[-1])
+    assert state["num_processes"] == 1 and state["config"]["max_steps"] == 4  # what was trained
+    plan = begin(run_copy)
+    assert plan.action == "re-evaluate" and Path(plan.checkpoint).name == "step_00000004"
+    plan = begin(run_copy, max_steps=6, num_workers=1)
+    assert plan.action == "resume" and Path(plan.checkpoint).name == "step_00000004"
+    assert plan.changed == {"max_steps": [4, 6], "num_workers": [0, 1]}
+    assert any("accepted" in m and "max_steps 4 -> 6" in m for m in plan.messages)
+    assert [s["action"] for s in read_starts(run_copy)] == ["new", "re-evaluate", "resume"]
+
+
+@pytest.mark.parametrize("changes, keys", [
+    ({"lr": 1e-3}, ["lr"]),
+    ({"batch_size": 16, "image_size": 48}, ["batch_size", "image_size"]),
+    ({"max_steps": 3}, ["max_steps"]),  # fewer steps than trained: not an extension
+    ({"seed": 1, "augment": "strong"}, ["augment", "seed"]),
+])
+def test_a_config_that_changes_what_is_trained_is_refused_naming_the_keys(run_copy, changes, keys):
+    before = (run_copy / "config.yaml").read_bytes()
+    with pytest.raises(UserError) as error:
+        begin(run_copy, **changes)
+    message = str(error.value)
+    assert all(f"{key} " in message for key in keys), message
+    assert "resume: overwrite" in message and "another output_dir" in message
+    assert (run_copy / "config.yaml").read_bytes() == before
+
+
+def test_the_process_count_is_part_of_what_is_trained(run_copy):
+    with pytest.raises(UserError, match="processes 1 -> 2"):
+        RunDirectory(run_copy).begin(config(run_copy), num_processes=2, argv=[])
+
+
+def test_config_changes_sorts_keys_into_refused_and_accepted():
+    refused_keys, accepted = config_changes(
+        {"lr": 1e-3, "epochs": 2, "max_steps": None, "log_every": 10, "model": "a"},
+        {"lr": 1e-3, "epochs": 3, "max_steps": 100, "log_every": 5, "model": "b"})
+    assert accepted == {"epochs": [2, 3], "log_every": [10, 5]}
+    assert refused_keys == {"max_steps": [None, 100], "model": ["a", "b"]}  # a limit is not an extension
+
+
+def test_resume_none_in_a_used_folder_is_refused_and_overwrite_moves_the_old_run_aside(run_copy):
+    with pytest.raises(UserError, match="holds a run.*resume: overwrite"):
+        begin(run_copy, resume="none")
+    old_steps = [p.name for p in list_checkpoints(run_copy)]
+    plan = begin(run_copy, resume="overwrite")
+    assert plan.action == "new" and plan.checkpoint is None
+    (aside,) = run_copy.parent.glob("run.replaced-*")
+    assert [p.name for p in list_checkpoints(aside)] == old_steps  # moved, not deleted
+    assert list_checkpoints(run_copy) == [] and (run_copy / "config.yaml").is_file()
+    assert any(str(aside) in m for m in plan.messages)
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run_copy):
+    earlier = run_copy / "checkpoints" / "step_00000002"
+    plan = begin(run_copy, resume=str(earlier), max_steps=6)
+    assert plan.action == "resume" and plan.checkpoint == str(earlier)
+    assert [p.name for p in list_checkpoints(run_copy)] == ["step_00000001", "step_00000002"]
+    discarded = sorted(p.name for p in (run_copy / "checkpoints-discarded").glob("*/step_*"))
+    assert discarded == ["step_00000003", "step_00000004"]
+    # the next default start continues this lineage, not the old step 4
+    assert Path(begin(run_copy, max_steps=6).checkpoint).name == "step_00000002"
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CORRUPTIONS = {
+    "truncated model.safetensors": lambda c: truncate(c / "model.safetensors"),
+    "garbage optimizer.bin": lambda c: (c / "optimizer.bin").write_bytes(os.urandom(2000)),
+    "empty train_state.json": lambda c: (c / "train_state.json").write_text(""),
+    "deleted optimizer.bin": lambda c: (c / "optimizer.bin").unlink(),
+    "garbage RNG file": lambda c: (c / "random_states_0.pkl").write_bytes(os.urandom(500)),
+    "RNG file of something else": lambda c: torch.save({"x": torch.zeros(1)}, c / "random_states_0.pkl"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_a_corrupt_newest_checkpoint_is_skipped_with_a_message(run_copy, kind):
+    newest = run_copy / "checkpoints" / "step_00000004"
+    assert verify_checkpoint(newest) is None
+    CORRUPTIONS[kind](newest)
+    assert verify_checkpoint(newest) is not None
+    plan = begin(run_copy)
+    assert Path(plan.checkpoint).name == "step_00000003"
+    (line,) = [m for m in plan.messages if m.startswith("skipping")]
+    assert "step_00000004" in line
+
+
+def test_all_checkpoints_corrupt_is_refused_never_a_silent_new_run(run_copy):
+    for checkpoint in list_checkpoints(run_copy):
+        (checkpoint / "optimizer.bin").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="none of the 4 checkpoint"):
+        begin(run_copy)
+    assert not any(s["action"] == "new" for s in read_starts(run_copy)[1:])
+
+
+def test_leftovers_of_a_killed_save_are_cleaned_up_and_an_interrupted_re_save_restored(run_copy):
+    folder = run_copy / "checkpoints"
+    shutil.copytree(folder / "step_00000004", folder / ".tmp-step_00000005")
+    (folder / "step_00000004").rename(folder / ".replaced-step_00000004")  # killed mid re-save
+    done = recover_leftovers(run_copy)
+    assert len(done) == 2
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+    assert verify_checkpoint(folder / "step_00000004") is None
+
+
+def test_old_train_states_load(run_copy):
+    """train_state.json of the version before the run directory (a `finished` flag)."""
+    old = {"epoch": 1, "step_in_epoch": 0, "global_step": 9, "best_accuracy": None,
+           "epochs_since_best": 0, "loss_sum": 0.0, "loss_count": 0, "finished": True,
+           "wandb_run_id": "abc", "model": "m", "class_names": ["A"], "scheduler": None,
+           "data_config": {}, "split": "s"}
+    state = TrainState().load_state_dict(old)
+    assert state.global_step == 9 and state.early_stopped and state.finished(epochs=10, max_steps=None)
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+def test_a_second_start_on_the_same_folder_exits_2_naming_the_holder(tmp_path, env):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pet_pipeline.rundir import RunDirectory; "
+         f"RunDirectory({str(out)!r}).lock(); print('locked', flush=True); time.sleep(120)"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = refused(run_train({**TINY, "output_dir": out}, env), str(out), f"process {holder.pid}")
+        assert "in use" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without unlocking: its lock is stale and the next start takes it over
+    lock = RunDirectory(out)
+    lock.lock()
+    assert lock.took_over and lock.took_over["pid"] == holder.pid
+    lock.unlock()
+
+
+# --------------------------------------------------------------------------- the real script
+
+
+@pytest.mark.slow
+def test_refused_and_accepted_changes_end_to_end(run_copy, env):
+    before = (run_copy / "config.yaml").read_bytes()
+    refused(run_train({**TINY, "max_steps": 4, "output_dir": run_copy, "lr": 1e-3}, env),
+            "lr 0.002 -> 0.001", "resume: overwrite")
+    result = ok(run_train({**TINY, "max_steps": 6, "checkpoint_steps": 1, "output_dir": run_copy,
+                           "log_every": 2}, env))
+    assert "accepted changes" in result.stdout and "resuming from step_00000004, step 4" in result.stdout
+    assert read_train_state(list_checkpoints(run_copy)[-1])["global_step"] == 6
+    assert (run_copy / "config.yaml").read_bytes() == before  # still the run's own config
+    assert read_starts(run_copy)[-1]["changed"] == {"keep_checkpoints": [5, 2], "log_every": [1, 2],
+                                                    "max_steps": [4, 6]}
+    steps = [r["step"] for r in read_metrics(run_copy / "metrics.jsonl") if "train_loss" in r]
+    assert steps == [1, 2, 3, 4, 6], "the continued run's records follow the first's"
+
+
+@pytest.mark.slow
+def test_overwrite_end_to_end_never_deletes_the_new_run_nor_continues_the_old(run_copy, env):
+    refused(run_train({**TINY, "max_steps": 4, "output_dir": run_copy, "resume": "none"}, env),
+            "resume: overwrite")
+    ok(run_train({**TINY, "max_steps": 2, "keep_checkpoints": 1, "output_dir": run_copy,
+                  "resume": "overwrite"}, env))
+    assert [p.name for p in list_checkpoints(run_copy)] == ["step_00000002"]  # not rotated away
+    result = ok(run_train({**TINY, "max_steps": 2, "keep_checkpoints": 1, "output_dir": run_copy}, env))
+    assert "re-evaluating from step_00000002" in result.stdout  # the new run, not the old step 4
+
+
+@pytest.mark.slow
+def test_killed_while_committing_a_checkpoint_resumes_from_the_newest_complete_one(tmp_path, env):
+    out = tmp_path / "run"
+    values = {**TINY, "max_steps": 5, "checkpoint_steps": 1, "keep_checkpoints": 1, "output_dir": out}
+    killed = run_train(values, env, faults="kill-at-commit:3")
+    assert killed.returncode == -9
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000002"]
+    result = ok(run_train(values, env))
+    assert "removed .tmp-step_00000003" in result.stdout
+    assert "resuming from step_00000002, step 2" in result.stdout
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_killed_during_the_stop_save_with_one_checkpoint_kept_loses_nothing_saved(tmp_path, env):
+    """keep_checkpoints 1: SIGTERM at step 4 (step 3 saved), SIGKILL inside the stop-save."""
+    out = tmp_path / "run"
+    values = {**TINY, "max_steps": 6, "checkpoint_steps": 3, "keep_checkpoints": 1, "output_dir": out}
+    killed = run_train(values, env, faults="sigterm-at-step:4,kill-at-commit:2")
+    assert killed.returncode == -9, killed.stdout[-2000:]
+    assert "stopping on SIGTERM at step 4" in killed.stdout
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000003"]
+    result = ok(run_train(values, env))
+    assert "resuming from step_00000003, step 3" in result.stdout
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_killed_while_re_saving_a_step_restores_the_earlier_save(tmp_path, env):
+    """checkpoint_steps 9 with validation: step 9 is saved mid-loop, then again at the epoch's
+    end; a kill between moving the first aside and renaming the second into place."""
+    out = tmp_path / "run"
+    values = {**TINY, "val_fraction": 0.25, "epochs": 1, "checkpoint_steps": 9, "keep_checkpoints": 1,
+              "output_dir": out}
+    killed = run_train(values, env, faults="kill-at-commit:2")
+    assert killed.returncode == -9
+    assert list_checkpoints(out) == [] and (out / "checkpoints" / ".replaced-step_00000009").is_dir()
+    result = ok(run_train(values, env))
+    assert "restored step_00000009" in result.stdout
+    assert "resuming from step_00000009, step 9" in result.stdout
+    final = read_train_state(list_checkpoints(out)[-1])
+    assert (final["global_step"], final["epoch"], final["step_in_epoch"]) == (9, 1, 0)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_ends_in_one_sentence_keeping_the_previous(tmp_path, env):
+    out = tmp_path / "run"
+    values = {**TINY, "max_steps": 4, "checkpoint_steps": 2, "keep_checkpoints": 1, "output_dir": out}
+    line = refused(run_train(values, env, faults="enospc-at-save:2"),
+                   "checkpoint step_00000004 could not be written", "no space left on device",
+                   "freed the partial copy", "kept step_00000002")
+    assert "rerun" in line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]  # no .tmp left
+    assert verify_checkpoint(out / "checkpoints" / "step_00000002") is None
+    assert oct((out / "checkpoints" / "step_00000002" / "train_state.json").stat().st_mode & 0o777) \
+        == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
