@@ -36,14 +36,7 @@ def train(config: Config, argv: list[str]) -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from pet_pipeline.breeds import kept_breeds
-    from pet_pipeline.checkpoint import (
-        Checkpointer,
-        TrainState,
-        check_same_split,
-        load_checkpoint,
-        read_train_state,
-    )
+    from pet_pipeline.checkpoint import Checkpointer, TrainState, check_same_split, load_checkpoint
     from pet_pipeline.config import to_dict
     from pet_pipeline.data import split_fingerprint
     from pet_pipeline.preemption import PREEMPTED_EXIT_CODE, StopFlag, StopRequested
@@ -52,29 +45,17 @@ def train(config: Config, argv: list[str]) -> int:
         PhaseClock,
         RunLog,
         RunningLoss,
-        choose_wandb_mode,
         init_trackers,
-        new_run_id,
         trackers_for,
         wandb_sync_hint,
     )
-    from pet_pipeline.transforms import decode_size, model_data_config
 
     clock = PhaseClock()  # where the wall time goes, logged and printed at the end
     # ------------------------------------------------------------------ checks before heavy work
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("mixed_precision: fp16 needs a GPU; use bf16 or no on a CPU.")
-    data_config = model_data_config(config.model, config.image_size)  # also checks the name
-    class_names = kept_breeds(config.species, config.breeds)
-    eval_side = decode_size(data_config, None)  # the short side the eval transform resizes to
-    if config.pre_resize is not None and config.pre_resize < eval_side:
-        raise UserError(f"pre_resize: {config.pre_resize} px is below the {eval_side} px that "
-                        f"evaluation resizes to; use at least {eval_side}, or null.")
+    data_config, class_names = check_before_heavy_work(config)
     run_dir = RunDirectory(config.output_dir)
     if int(os.environ.get("RANK", "0")) == 0:  # one lock per job, held by the global main process
         run_dir.lock()
-    if "wandb" in trackers_for(config.report_to):
-        choose_wandb_mode()
     stop = StopFlag()  # SIGTERM / SIGUSR1 -> checkpoint and exit at the next step
 
     # ------------------------------------------------------------------ accelerator and the start
@@ -90,9 +71,7 @@ def train(config: Config, argv: list[str]) -> int:
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     plan = decide_start(accelerator, run_dir, config, argv)  # new, resume or re-evaluate
-    resume_step = read_train_state(plan.checkpoint)["global_step"] if plan.checkpoint else None
-    run_log = RunLog(accelerator, run_dir.path / "metrics.jsonl", resume_step=resume_step,
-                     clock=clock)
+    run_log = RunLog(accelerator, run_dir.path / "metrics.jsonl", resume_step=plan.step, clock=clock)
     if run_dir.took_over:
         run_log.print(f"took over the lock of process {run_dir.took_over.get('pid')} on "
                       f"{run_dir.took_over.get('host')}, which is no longer running")
@@ -111,8 +90,8 @@ def train(config: Config, argv: list[str]) -> int:
     train_loader = loaders.train
 
     # ------------------------------------------------------------------ resume
-    state = TrainState(wandb_run_id=new_run_id(), model=config.model, class_names=class_names,
-                       data_config=data_config, split=split_id)
+    state = TrainState(model=config.model, class_names=class_names, data_config=data_config,
+                       split=split_id)
     checkpointer = Checkpointer(accelerator, run_dir.path, ema=ema, keep=config.keep_checkpoints)
     if plan.checkpoint:
         state = load_checkpoint(accelerator, plan.checkpoint, ema=ema)
@@ -204,6 +183,28 @@ def train(config: Config, argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------- the steps of train()
+
+
+def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
+    """Mistakes found from the config alone, before the accelerator or any data; returns the
+    model's data config and the class names."""
+    import torch
+
+    from pet_pipeline.breeds import kept_breeds
+    from pet_pipeline.tracking import choose_wandb_mode, trackers_for
+    from pet_pipeline.transforms import decode_size, model_data_config
+
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("mixed_precision: fp16 needs a GPU; use bf16 or no on a CPU.")
+    data_config = model_data_config(config.model, config.image_size)  # also checks the name
+    class_names = kept_breeds(config.species, config.breeds)
+    eval_side = decode_size(data_config, None)  # the short side the eval transform resizes to
+    if config.pre_resize is not None and config.pre_resize < eval_side:
+        raise UserError(f"pre_resize: {config.pre_resize} px is below the {eval_side} px that "
+                        f"evaluation resizes to; use at least {eval_side}, or null.")
+    if "wandb" in trackers_for(config.report_to):
+        choose_wandb_mode()  # offline without credentials
+    return data_config, class_names
 
 
 def decide_start(accelerator, run_dir, config: Config, argv: list[str]):

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class TrainState:
     loss_sum: float = 0.0  # training loss not yet logged: summed means over micro-batches
     loss_count: int = 0
     scheduler: dict | None = None  # plateau's state (cosine and constant follow the step)
-    wandb_run_id: str = ""
+    wandb_run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # one W&B run
     # what the weights are
     model: str = ""
     class_names: list[str] = field(default_factory=list)
@@ -183,7 +184,30 @@ class CheckpointWriteError(UserError):
     """A checkpoint could not be written; the previous one is intact."""
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (threads run)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(folder: Path) -> None:
+    """Files as the user's umask allows (safetensors writes them 0600)."""
+    mode = 0o666 & ~umask()
+    for path in folder.iterdir():
+        if path.is_file():
+            os.chmod(path, mode)
+
+
 def _fsync_tree(folder: Path) -> None:
+    normal_permissions(folder)
     for path in folder.iterdir():
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
@@ -205,9 +229,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _why(error: BaseException) -> str:
+def _why(error: BaseException, folder: Path) -> str:
+    """A few words for a write error; torch and safetensors bury a full disk in their own
+    messages ("unexpected pos 576 vs 534", "os error 28"), so ask the filesystem too."""
     if isinstance(error, OSError) and error.errno:
         return os.strerror(error.errno).lower()
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if "os error 28" in str(error) or (free is not None and free < 64 * 2**20):
+        return f"no space left on device ({free / 2**20:.0f} MiB free)" if free is not None \
+            else "no space left on device"
     return str(error).splitlines()[0][:120] if str(error) else type(error).__name__
 
 
@@ -254,15 +287,15 @@ class Checkpointer:
                         save_file({k: v.detach().cpu().contiguous()
                                    for k, v in self.ema.state_dict().items()}, str(tmp / EMA_FILE))
                     (tmp / STATE_FILE).write_text(json.dumps(values, indent=2))  # last: marks complete
-            except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+            except Exception as e:  # OSError; torch's RuntimeError; SafetensorError on a full disk
                 error = e
         if self._any_rank_failed(error is not None or not tmp.is_dir()):
+            reason = _why(error, self.folder) if error else "another process failed to write its part"
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = self._newest_complete()
             raise CheckpointWriteError(
-                f"checkpoint {final.name} could not be written to {self.folder}: "
-                f"{_why(error) if error else 'another process failed to write its part'}; freed the "
+                f"checkpoint {final.name} could not be written to {self.folder}: {reason}; freed the "
                 f"partial copy{f' and kept {previous.name}' if previous else ''}; free some space "
                 "(or fix the folder) and rerun the same command to resume.")
         if accelerator.is_main_process:
@@ -271,9 +304,10 @@ class Checkpointer:
                 self._commit(tmp, final)
                 self._rotate(newest=final)
             except OSError as e:
+                reason = _why(e, self.folder)
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise CheckpointWriteError(
-                    f"checkpoint {final.name} could not be written to {self.folder}: {_why(e)}; "
+                    f"checkpoint {final.name} could not be written to {self.folder}: {reason}; "
                     "freed the partial copy; fix the folder and rerun the same command to resume."
                 ) from None
         accelerator.wait_for_everyone()

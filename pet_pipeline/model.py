@@ -4,13 +4,14 @@ a trained one from a run's model/ folder or a checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from pet_pipeline.checkpoint import EMA_FILE, STATE_FILE
+from pet_pipeline.checkpoint import EMA_FILE, STATE_FILE, umask
 from pet_pipeline.errors import UserError
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -83,6 +84,7 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, *, model_name: str
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = out_dir / f".{EXPORT_WEIGHTS}.tmp"
     save_file(state, str(tmp))
+    os.chmod(tmp, 0o666 & ~umask())  # safetensors writes 0600; the run's files follow the umask
     tmp.replace(out_dir / EXPORT_WEIGHTS)
     config = {
         "architecture": model_name,

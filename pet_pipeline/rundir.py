@@ -70,6 +70,7 @@ EXTENDABLE_KEYS = ("epochs", "max_steps")
 class StartPlan:
     action: str  # "new", "resume" or "re-evaluate"
     checkpoint: str | None = None
+    step: int | None = None  # the checkpoint's global step
     messages: list[str] = field(default_factory=list)  # printed once, before the summary
     changed: dict = field(default_factory=dict)  # key -> [run's value, this start's value]
 
@@ -184,7 +185,7 @@ class RunDirectory:
                         f"{_describe(refused)}, which change what is trained; rerun with the run's own "
                         f"values (its {STATE_FILE} and {CONFIG_FILE}) to continue it, or start a new run "
                         "with another output_dir or resume: overwrite.")
-                plan.checkpoint, plan.changed = str(checkpoint), accepted
+                plan.checkpoint, plan.step, plan.changed = str(checkpoint), state.global_step, accepted
                 finished = state.finished(epochs=config.epochs, max_steps=config.max_steps)
                 plan.action = "re-evaluate" if finished else "resume"
                 if accepted:
@@ -195,6 +196,9 @@ class RunDirectory:
                         f"output_dir: {self.path} holds a finished run (step {state.global_step}); "
                         "re-evaluating it. To train longer, raise epochs or max_steps.")
         if plan.action == "new":
+            if config.resume == "auto" and (self.path / CONFIG_FILE).is_file():
+                plan.messages.append(f"output_dir: {self.path} holds no checkpoint of the earlier start "
+                                     "(it ended before its first one); starting a new run")
             save_config(config, self.path / CONFIG_FILE)
         self._record_start(plan, num_processes=num_processes, argv=argv)
         return plan

@@ -10,7 +10,6 @@ import json
 import netrc
 import os
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,10 +35,6 @@ def choose_wandb_mode() -> str:
     if not os.environ.get("WANDB_MODE") and not has_wandb_credentials():
         os.environ["WANDB_MODE"] = "offline"
     return os.environ.get("WANDB_MODE", "online")
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 def init_trackers(accelerator, *, report_to: str, project: str, run_name: str, run_id: str,

@@ -7,6 +7,7 @@ disk) runs train.py in a subprocess, with faults injected by tests/faults.py.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -216,14 +217,27 @@ def test_leftovers_of_a_killed_save_are_cleaned_up_and_an_interrupted_re_save_re
     assert verify_checkpoint(folder / "step_00000004") is None
 
 
-def test_old_train_states_load(run_copy):
-    """train_state.json of the version before the run directory (a `finished` flag)."""
-    old = {"epoch": 1, "step_in_epoch": 0, "global_step": 9, "best_accuracy": None,
-           "epochs_since_best": 0, "loss_sum": 0.0, "loss_count": 0, "finished": True,
-           "wandb_run_id": "abc", "model": "m", "class_names": ["A"], "scheduler": None,
-           "data_config": {}, "split": "s"}
+OLD_KEYS = ("epoch", "step_in_epoch", "global_step", "best_accuracy", "epochs_since_best", "loss_sum",
+            "loss_count", "wandb_run_id", "model", "class_names", "scheduler", "data_config", "split")
+
+
+def test_checkpoints_of_the_previous_version_still_resume(run_copy):
+    """train_state.json as pet-pipeline wrote it before the run directory: no config, process
+    count or EMA flag, and a `finished` flag; config.yaml is then what the run is compared with."""
+    newest = list_checkpoints(run_copy)[-1]
+    values = read_train_state(newest)
+    old = {key: values[key] for key in OLD_KEYS} | {"finished": False}
+    (newest / "train_state.json").write_text(json.dumps(old))
+    assert verify_checkpoint(newest) is None
+    plan = begin(run_copy, max_steps=6)
+    assert plan.action == "resume" and plan.checkpoint == str(newest)
+    with pytest.raises(UserError, match="lr 0.002 -> 0.001"):  # compared with config.yaml
+        begin(run_copy, max_steps=6, lr=1e-3)
+    old["finished"] = True  # max_steps or early stopping: taken as finished
+    (newest / "train_state.json").write_text(json.dumps(old))
+    assert begin(run_copy, max_steps=6).action == "re-evaluate"
     state = TrainState().load_state_dict(old)
-    assert state.global_step == 9 and state.early_stopped and state.finished(epochs=10, max_steps=None)
+    assert state.early_stopped and state.finished(epochs=10, max_steps=None)
 
 
 # --------------------------------------------------------------------------- the lock
@@ -334,12 +348,32 @@ def test_a_full_disk_during_a_checkpoint_ends_in_one_sentence_keeping_the_previo
     assert "rerun" in line
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]  # no .tmp left
     assert verify_checkpoint(out / "checkpoints" / "step_00000002") is None
-    assert oct((out / "checkpoints" / "step_00000002" / "train_state.json").stat().st_mode & 0o777) \
-        == oct(0o666 & ~_umask())
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (out / "checkpoints" / "step_00000002").iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~_umask())}, modes  # safetensors alone writes 0600
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_ends_in_one_sentence_keeping_the_previous(tmp_path, env):
+    """On a 250 MiB tmpfs a checkpoint (168 MiB: weights and AdamW moments) fits once."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=250m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.strip()}")
+    try:
+        out = disk / "run"
+        values = {**TINY, "max_steps": 4, "checkpoint_steps": 2, "keep_checkpoints": 1, "output_dir": out}
+        refused(run_train(values, env), "checkpoint step_00000004 could not be written",
+                "no space left on device", "freed the partial copy", "kept step_00000002")
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+        assert verify_checkpoint(out / "checkpoints" / "step_00000002") is None
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
 
