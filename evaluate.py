@@ -76,7 +76,11 @@ def evaluate(config: EvalConfig) -> int:
     data = resolve_data_keys(config, run_config if run_config.is_file() else None)
     if config.split == "val" and not data["val_fraction"]:
         raise UserError("split: val needs val_fraction > 0; the training run had no validation split.")
-    out = Path(config.output_dir) if config.output_dir else model_dir.parent / f"eval_{config.split}"
+    # beside model/ as eval_SPLIT; for a checkpoint, in the run folder as eval_SPLIT_step_N
+    # (not inside checkpoints/, which holds checkpoints only)
+    default_name = f"eval_{config.split}" + ("" if model_dir.parent == description["run_dir"]
+                                             else f"_{model_dir.name}")
+    out = Path(config.output_dir) if config.output_dir else description["run_dir"] / default_name
 
     # ------------------------------------------------------------------ accelerator and data
     accelerator = Accelerator(mixed_precision=config.mixed_precision)

@@ -369,7 +369,8 @@ class EvalConfig:
     mixed_precision: str | None = _field(None, "no, fp16 or bf16 (default: the launcher's).")
     gradcam_images: int = _field(8, "Misclassified images shown with Grad-CAM maps (0 = none).")
     output_dir: str | None = _field(
-        None, "Where the report goes (default: eval_SPLIT next to the model folder)."
+        None, "Where the report goes (default: RUN/eval_SPLIT for model/, RUN/eval_SPLIT_step_N "
+        "for a checkpoint)."
     )
 
     def __post_init__(self) -> None:

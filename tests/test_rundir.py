@@ -283,6 +283,22 @@ def test_refused_and_accepted_changes_end_to_end(run_copy, env):
 
 
 @pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_end_to_end(run_copy, env):
+    truncate(run_copy / "checkpoints" / "step_00000004" / "model.safetensors")
+    result = ok(run_train({**TINY, "max_steps": 5, "checkpoint_steps": 1, "keep_checkpoints": 5,
+                           "output_dir": run_copy}, env))
+    assert "skipping checkpoint step_00000004: model.safetensors can't be read" in result.stdout
+    assert "resuming from step_00000003, step 3" in result.stdout
+    assert verify_checkpoint(run_copy / "checkpoints" / "step_00000004") is None  # written anew
+    # a checkpoint's report goes to the run folder, not among the checkpoints
+    ok(subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model_dir",
+                       str(run_copy / "checkpoints" / "step_00000005"), "--gradcam_images", "0"],
+                      env=env, cwd=ROOT, capture_output=True, text=True, timeout=600))
+    assert (run_copy / "eval_test_step_00000005" / "metrics.json").is_file()
+    assert [p.name for p in (run_copy / "checkpoints").iterdir() if not p.name.startswith("step_")] == []
+
+
+@pytest.mark.slow
 def test_overwrite_end_to_end_never_deletes_the_new_run_nor_continues_the_old(run_copy, env):
     refused(run_train({**TINY, "max_steps": 4, "output_dir": run_copy, "resume": "none"}, env),
             "resume: overwrite")
