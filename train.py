@@ -159,6 +159,7 @@ def train(config: Config, argv: list[str]) -> int:
                 if config.checkpoint_steps and state.global_step % config.checkpoint_steps == 0:
                     save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
                 stop.check(accelerator)  # raises StopRequested on every rank
+            running_loss.move_into(state, accelerator)  # a non-finite loss stops here, not in model/
             if loaders.val is not None:
                 validate_and_select(config, accelerator, parts, loaders.val, state, run_log,
                                     stop=stop, class_names=class_names, data_config=data_config)
@@ -167,6 +168,13 @@ def train(config: Config, argv: list[str]) -> int:
             save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
         final_report(config, accelerator, parts, loaders, pets, state, run_log, stop=stop,
                      class_names=class_names, data_config=data_config)
+    except FloatingPointError as error:  # nothing after the last checkpoint is kept or exported
+        kept = checkpointer.newest_complete()
+        raise UserError(
+            f"{error}: the run stopped without saving or exporting those weights"
+            f"{f' ({kept.name} is kept)' if kept else ''}; lower lr (now {config.lr:g}), raise "
+            "warmup_epochs or clip_grad_norm, or use bf16 instead of fp16, and start again with "
+            "resume: overwrite or another output_dir.") from None
     except StopRequested as request:
         run_log.print(f"stopping on {request} at step {state.global_step}")
         save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)

@@ -293,7 +293,7 @@ class Checkpointer:
             reason = _why(error, self.folder) if error else "another process failed to write its part"
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            previous = self._newest_complete()
+            previous = self.newest_complete()
             raise CheckpointWriteError(
                 f"checkpoint {final.name} could not be written to {self.folder}: {reason}; freed the "
                 f"partial copy{f' and kept {previous.name}' if previous else ''}; free some space "
@@ -338,7 +338,7 @@ class Checkpointer:
         for old in older[: max(0, len(older) - (self.keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _newest_complete(self) -> Path | None:
+    def newest_complete(self) -> Path | None:
         found = list_checkpoints(self.folder.parent)
         return found[-1] if found else None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,6 +158,10 @@ def _at_least(key: str, value, minimum, optional: bool = False) -> None:
 
 
 def validate(c: Config) -> None:
+    for f in dataclasses.fields(c):  # also for configs built in code, not parsed
+        value = getattr(c, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{f.name}: {value!r} is not a finite number.")
     _choice("species", c.species, SPECIES)
     _choice("augment", c.augment, AUGMENT_PRESETS)
     _choice("scheduler", c.scheduler, SCHEDULERS)
@@ -238,7 +243,11 @@ def _convert(key: str, value, from_cli: bool, hint):
         if hint is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan passes every >= check; inf trains on NaN losses
+                raise UserError(f"{key}: {value!r} is not a finite number; give a value such as "
+                                f"{_default(Config.__dataclass_fields__.get(key)) or 0.1}.")
+            return number
         if hint is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError

@@ -4,11 +4,17 @@
     pets.train, pets.val, pets.test        # datasets.Dataset: image, label, species, image_id
     pets.class_names                       # the kept breeds, official order, label 0..K-1
     pets.skipped                           # "images/x.jpg: empty file", ... (left out)
+    pets.duplicates, pets.leaks            # counts, each also named in pets.skipped
 
 Sources: a local folder in the official layout (or its torchvision parent), the Hub
 (`timm/oxford-iiit-pet`), or `synthetic`, which generates a local folder once and loads it
 like any other. Filtering reads label columns only; no image is decoded until a batch
 needs it.
+
+The annotation files of a local folder are untrusted input: an image id whose path leaves
+images/ (`../x`, `/etc/passwd`, a symlink out), a file that is not a regular file, an image
+over the pixel limit are named and left out; a line repeated in one file is kept once, and
+an image listed in both trainval.txt and test.txt is dropped from training (a leak).
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ class PetData:
     val: datasets.Dataset | None
     test: datasets.Dataset
     class_names: list[str]
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # every problem, one line each
+    duplicates: int = 0  # annotation lines repeating an image of the same file, kept once
+    leaks: int = 0  # trainval images also in test.txt, dropped from training
 
 
 def pet_features(class_names: list[str]) -> Features:
@@ -81,6 +89,7 @@ def find_pet_root(data_dir: str | Path) -> Path:
 class Annotation:
     image_id: str
     breed: str  # official name
+    line: int = 0  # 1-based line number in its file
 
 
 def parse_annotations(path: Path) -> tuple[list[Annotation], list[str]]:
@@ -112,7 +121,7 @@ def parse_annotations(path: Path) -> tuple[list[Annotation], list[str]]:
         if species_id not in (1, 2) or SPECIES_NAMES[species_id - 1] != _species(breed):
             problems.append(f"{where}: SPECIES {species_id} does not match breed {breed}")
             continue
-        rows.append(Annotation(image_id, breed))
+        rows.append(Annotation(image_id, breed, number))
     return rows, problems
 
 
@@ -120,30 +129,97 @@ def _species(breed: str) -> str:
     return "cat" if breed[0].isupper() else "dog"
 
 
-def load_local(data_dir: str | Path, class_names: list[str]) -> tuple[dict, list[str]]:
-    """{'trainval': Dataset, 'test': Dataset} of the kept breeds, and what was left out."""
+def image_name(image_id: str) -> str:
+    """How a report names the file of an annotation id: the id as given, never a cleaned one."""
+    name = f"{image_id}.jpg" if os.path.isabs(image_id) else f"images/{image_id}.jpg"
+    return name if name.isprintable() else ascii(name)
+
+
+def image_path(images: Path, image_id: str, images_real: Path | None = None
+               ) -> tuple[Path | None, str | None]:
+    """The file of `image_id` inside the folder `images` (an absolute, normalised path;
+    `images_real` is its resolved form), symlinks resolved, or why there is none.
+
+    Opens no file: a lexical check for ids that leave the folder (absolute, `..`), then the
+    resolved path, so a symlink out of images/ is refused too (one within it is fine).
+    """
+    if not image_id.isprintable():
+        return None, "image id has control characters"
+    if os.path.isabs(image_id) or os.path.splitdrive(image_id)[0]:
+        return None, "absolute path, leaves images/"
+    lexical = Path(os.path.normpath(os.path.join(images, f"{image_id}.jpg")))
+    if not lexical.is_relative_to(images):
+        return None, "path leaves images/"
+    resolved = Path(os.path.realpath(lexical))
+    if not resolved.is_relative_to(images_real or Path(os.path.realpath(images))):
+        return None, "symlink out of images/"
+    return resolved, None
+
+
+def load_local(data_dir: str | Path, class_names: list[str]) -> tuple[dict, list[str], dict]:
+    """{'trainval': Dataset, 'test': Dataset} of the kept breeds, what was left out, and the
+    counts {'duplicates': n, 'leaks': n} (those are also named among what was left out)."""
     root = find_pet_root(data_dir)
+    images = Path(os.path.normpath(os.path.abspath(root / "images")))
+    images_real = Path(os.path.realpath(images))
     features = pet_features(class_names)
     index = {name: i for i, name in enumerate(class_names)}
-    splits, problems = {}, []
+    problems = []
+    counts = {"duplicates": 0, "leaks": 0}
+    kept = {}  # split -> [(annotation, resolved path)]
+    listed = {}  # split -> every normalised id the file lists, of any breed
     for split, filename in ANNOTATION_FILES.items():
         rows, bad_lines = parse_annotations(root / "annotations" / filename)
         problems += bad_lines
-        columns = {"image": [], "label": [], "species": [], "image_id": []}
+        first = {}  # normalised id -> its first annotation in this file
+        kept[split] = []
         for row in rows:
+            key = os.path.normpath(row.image_id)
+            earlier = first.get(key)
+            if earlier is not None:  # the same image twice in one file: kept once
+                if earlier.breed in index or row.breed in index:
+                    counts["duplicates"] += 1
+                    other = "" if row.breed == earlier.breed else (
+                        f" as {row.breed} (the first line's {earlier.breed} kept)")
+                    problems.append(f"annotations/{filename}:{row.line}: {image_name(row.image_id)} "
+                                    f"listed again{other}, first on line {earlier.line}; kept once")
+                continue
+            first[key] = row
             if row.breed not in index:  # filter on the annotation, before touching the file
                 continue
-            path = root / "images" / f"{row.image_id}.jpg"
-            reason = check_image_file(path)
+            path, reason = image_path(images, row.image_id, images_real)
+            if reason is None:
+                reason = check_image_file(path)
             if reason:
-                problems.append(f"images/{path.name}: {reason}")
+                problems.append(f"{image_name(row.image_id)}: {reason}")
                 continue
-            columns["image"].append(str(path))
-            columns["label"].append(index[row.breed])
-            columns["species"].append(SPECIES_NAMES.index(_species(row.breed)))
-            columns["image_id"].append(row.image_id)
+            kept[split].append((row, path))
+        listed[split] = set(first)
+    # an image in both files would be tested on after training on it: training loses it
+    test_files = {path: row.image_id for row, path in kept["test"]}
+    trainval = []
+    for row, path in kept["trainval"]:
+        if os.path.normpath(row.image_id) in listed["test"]:
+            where = "listed in both trainval.txt and test.txt"
+        elif path in test_files:  # another name (a symlink, `./x`) for a test image's file
+            where = f"the same file as test image {test_files[path]}"
+        else:
+            trainval.append((row, path))
+            continue
+        counts["leaks"] += 1
+        problems.append(f"{image_name(row.image_id)}: {where} (a train/test leak); "
+                        "left out of training, kept in test")
+    kept["trainval"] = trainval
+    splits = {}
+    for split, entries in kept.items():
+        columns = {
+            "image": [str(path) for _, path in entries],
+            "label": [index[row.breed] for row, _ in entries],
+            "species": [SPECIES_NAMES.index(_species(row.breed)) for row, _ in entries],
+            "image_id": [row.image_id for row, _ in entries],
+        }
         splits[split] = datasets.Dataset.from_dict(columns, features=features)
-    return splits, problems
+    return splits, problems, counts
 
 
 # ----------------------------------------------------------------------------- the Hub
@@ -238,14 +314,15 @@ def load_pets(
     synthetic_image_size: int = 96,
 ) -> PetData:
     class_names = kept_breeds(species, breeds)
+    counts = {}
     if data_dir is not None:
-        splits, skipped = load_local(data_dir, class_names)
+        splits, skipped, counts = load_local(data_dir, class_names)
     elif dataset == "synthetic":
         from pet_pipeline.synthetic import synthetic_pets_dir
 
         folder = synthetic_pets_dir(images_per_class=synthetic_images_per_class,
                                     image_size=synthetic_image_size)
-        splits, skipped = load_local(folder, class_names)
+        splits, skipped, counts = load_local(folder, class_names)
     else:
         splits, skipped = load_hub(dataset, class_names)
     if skipped and strict_data:
@@ -261,7 +338,7 @@ def load_pets(
             )
     train, val = stratified_split(splits["trainval"], val_fraction, seed)
     return PetData(train=train, val=val, test=splits["test"], class_names=class_names,
-                   skipped=skipped)
+                   skipped=skipped, **counts)
 
 
 # ----------------------------------------------------------------------------- pre-resized cache

@@ -2,14 +2,19 @@
 
 The Oxford-IIIT Pet download holds PNGs, GIFs, CMYK and greyscale JPEGs named `.jpg`, and a
 few files that are empty or cut short. `check_image_file` finds the broken ones cheaply
-(header plus end marker, no pixel decoding) so they are left out before training starts;
-`open_rgb` decodes the rest to RGB, at reduced size when the caller needs far fewer pixels.
+(file type, header plus end marker, no pixel decoding) so they are left out before training
+starts: a FIFO or a directory is never opened for reading, an image over the pixel limit is
+named from its header size; `open_rgb` decodes the rest to RGB, at reduced size when the
+caller needs far fewer pixels.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,36 +24,65 @@ from PIL import Image, UnidentifiedImageError
 # with a stray byte after the end-of-image marker, which decoders accept).
 _TAIL_BYTES = 64
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND", "GIF": b";"}
+# Used when PIL's own limit is switched off (Image.MAX_IMAGE_PIXELS = None): its default.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def max_pixels() -> int:
+    """The pixel limit an image must not exceed: PIL's `Image.MAX_IMAGE_PIXELS` (read at call
+    time, so raising it raises ours), or its default when it is switched off."""
+    return Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS
 
 
 def check_image_file(path: str | Path) -> str | None:
     """Why `path` can't be used as an image, or None when it can.
 
-    Reads the header and the last bytes through one file handle: ~50 us a file, no pixel
-    decoding.
+    Only a regular file is opened (a FIFO named .jpg would block the scan forever), and it
+    is opened non-blocking and checked again through its handle, so a file swapped in
+    between cannot block either. Reads the header and the last bytes through one file
+    handle: ~50 us a file, no pixel decoding.
     """
     try:
-        with open(path, "rb") as f:
-            return _check_open_image(f, os.fstat(f.fileno()).st_size)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not a regular file"
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as f:
+            status = os.fstat(f.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                return "not a regular file"
+            return _check_open_image(f, status.st_size)
     except FileNotFoundError:
         return "missing file"
     except OSError as e:
         return f"unreadable ({e.strerror})"
+    except ValueError as e:  # a NUL byte in the path
+        return f"unusable path ({e})"
 
 
 def _check_open_image(f, size: int) -> str | None:
     if size == 0:
         return "empty file"
+    limit = max_pixels()
     try:
-        with Image.open(f) as img:  # a file object passed in stays open
-            image_format = img.format
-            width, height = img.size
+        # PIL warns between its limit and twice it and raises above; the size in the
+        # header is all that is needed here, and the verdict is ours (below)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(f) as img:  # a file object passed in stays open
+                image_format = img.format
+                width, height = img.size
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{int(found.group(1)):,} pixels" if found else str(e)
+        return f"over the pixel limit ({pixels} > {limit:,})"
     except UnidentifiedImageError:
         return "not an image PIL can read"
     except (OSError, ValueError, SyntaxError) as e:
         return f"unreadable header ({e})"
     if width < 1 or height < 1:
         return "image has no pixels"
+    if width * height > limit:
+        return f"over the pixel limit ({width}x{height} = {width * height:,} pixels > {limit:,})"
     marker = _END_MARKERS.get(image_format)
     if marker is not None:
         f.seek(max(0, size - _TAIL_BYTES))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import timm
@@ -106,6 +107,31 @@ def unwrap_state_dict(state: dict) -> dict:
     return unwrapped
 
 
+_PLAIN_MODEL_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?$")  # name or name.tag
+
+
+def check_description(description: dict, source: Path) -> dict:
+    """A model description read from disk is data, not instructions: the architecture is a
+    plain timm name (no `hf-hub:` or `local-dir:` prefix, no path), the classes a list of
+    names, the data config a mapping with a 3-number input size."""
+    name = description.get("architecture")
+    if not isinstance(name, str) or not _PLAIN_MODEL_NAME.match(name):
+        raise UserError(f"model_dir: {source} names the architecture {name!r}, which is not a plain "
+                        "timm model name (no hf-hub:, local-dir: or paths); fix or re-export it.")
+    labels = description.get("label_names")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise UserError(f"model_dir: {source} has no list of class names (label_names); re-export it.")
+    if description.get("num_classes", len(labels)) != len(labels):
+        raise UserError(f"model_dir: {source} says num_classes {description['num_classes']!r} but "
+                        f"names {len(labels)} classes; re-export it.")
+    data_config = description.get("pretrained_cfg")
+    size = data_config.get("input_size") if isinstance(data_config, dict) else None
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(x, int) and x > 0 for x in size)):
+        raise UserError(f"model_dir: {source} has no valid pretrained_cfg.input_size (3 positive "
+                        "integers); re-export it.")
+    return description
+
+
 def _describe_export(model_dir: Path) -> dict:
     config_path = model_dir / EXPORT_CONFIG
     try:
@@ -114,7 +140,7 @@ def _describe_export(model_dir: Path) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise UserError(f"model_dir: {config_path} is not a model config written by train.py; "
                         "point model_dir at a run's model/ folder.") from None
-    config.setdefault("pretrained_cfg", {})
+    check_description(config, config_path)
     return {**config, "weights": model_dir / EXPORT_WEIGHTS, "run_dir": model_dir.parent}
 
 
@@ -122,7 +148,7 @@ def _describe_checkpoint(checkpoint: Path) -> dict:
     state_path = checkpoint / STATE_FILE
     try:
         state = json.loads(state_path.read_text())
-        model_name, class_names = state["model"], list(state["class_names"])
+        model_name, class_names = state["model"], state["class_names"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise UserError(f"model_dir: {state_path} is not a train state written by train.py; "
                         "point model_dir at another checkpoint or at the run's model/ folder.") from None
@@ -130,8 +156,10 @@ def _describe_checkpoint(checkpoint: Path) -> dict:
         raise UserError(f"model_dir: {checkpoint} is a checkpoint without a data config (from an "
                         "older pet-pipeline); use the run's model/ folder instead.")
     ema = checkpoint / EMA_FILE
-    return {"architecture": model_name, "num_classes": len(class_names), "label_names": class_names,
-            "pretrained_cfg": state["data_config"],
+    description = {"architecture": model_name, "label_names": class_names,
+                   "pretrained_cfg": state["data_config"]}
+    check_description(description, state_path)
+    return {**description, "num_classes": len(class_names),
             "weights": ema if ema.is_file() else checkpoint / CHECKPOINT_WEIGHTS,
             "run_dir": checkpoint.parent.parent}
 

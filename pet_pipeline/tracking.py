@@ -7,6 +7,7 @@ the run under output_dir/wandb, and the end of the run prints the `wandb sync` c
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
 import time
@@ -80,9 +81,12 @@ class MetricsLog:
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        """One line of strict JSON: a non-finite number is written as null."""
         if self.enabled:
+            finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                      for k, v in record.items()}
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(finite, allow_nan=False) + "\n")
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -193,8 +197,15 @@ class RunningLoss:
 
     def move_into(self, state, accelerator) -> None:
         """Add the sum (averaged over ranks) to the train state, which checkpoints carry.
-        A host-device sync point and a collective: every rank calls it at the same step."""
-        state.loss_sum += accelerator.reduce(self.total, "mean").item()
+        A host-device sync point and a collective: every rank calls it at the same step.
+
+        Raises FloatingPointError on every rank when the loss is not finite, before anything
+        (a log line, a checkpoint, an export) is made of it.
+        """
+        total = accelerator.reduce(self.total, "mean").item()
+        if not math.isfinite(total):
+            raise FloatingPointError(f"training loss became {total} by step {state.global_step}")
+        state.loss_sum += total
         state.loss_count += self.count
         self.total.zero_()
         self.count = 0

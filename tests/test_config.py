@@ -112,6 +112,11 @@ def test_help_lists_every_key(capsys):
     ({"breeds": []}, "breeds", "the list is empty"),
     ({"breeds": [1, 2]}, "breeds", "comma-separated list"),
     ({"epochs": None}, "epochs", "a value is required"),
+    ({"lr": "nan"}, "lr", "not a finite number"),  # nan passes every >= check
+    ({"lr": float("inf")}, "lr", "not a finite number"),
+    ({"weight_decay": "-inf"}, "weight_decay", "not a finite number"),
+    ({"mixup": "inf"}, "mixup", "not a finite number"),
+    ({"min_lr": float("nan")}, "min_lr", "not a finite number"),
 ])
 def test_build_config_rejects_bad_values_naming_the_key(values, key, fragment):
     with pytest.raises(UserError) as error:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
+import warnings
+import zlib
 from collections import Counter
 from contextlib import contextmanager
 
@@ -428,6 +432,148 @@ def test_bad_files_of_filtered_out_breeds_are_not_even_opened(make_pet_folder, t
     assert load_pets(data_dir=str(root), species="cat", val_fraction=0).skipped == []
     assert load_pets(data_dir=str(root), species="dog", val_fraction=0).skipped == [
         "images/beagle_1.jpg: empty file"]
+
+
+# ----------------------------------------------------------------------------- untrusted annotations
+
+
+def _load_skipped(root, **kwargs):
+    pets = load_pets(data_dir=str(root), species="cat", val_fraction=0, **kwargs)
+    return pets, pets.skipped
+
+
+def test_paths_that_leave_images_are_named_by_their_given_id_and_left_out(make_pet_folder, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    BASE.save(outside / "secret.jpg")  # a readable image: only the path check keeps it out
+    leaving = {  # image id as given -> the report
+        "../../outside/secret": "images/../../outside/secret.jpg: path leaves images/",
+        "../../../../../../etc/passwd": "images/../../../../../../etc/passwd.jpg: path leaves images/",
+        "Bengal_1/../../../etc/shadow": "images/Bengal_1/../../../etc/shadow.jpg: path leaves images/",
+        str(outside / "secret"): f"{outside / 'secret'}.jpg: absolute path, leaves images/",
+        "/etc/passwd": "/etc/passwd.jpg: absolute path, leaves images/",
+        "Bengal_9": "images/Bengal_9.jpg: symlink out of images/",
+    }
+    extra = [annotation_line(i, "Bengal") for i in [*leaving, "Bengal_10"]]
+    root = make_pet_folder(tmp_path / "pets", {"Bengal": (4, 2)}, extra_trainval=extra)
+    (root / "images" / "Bengal_9.jpg").symlink_to(outside / "secret.jpg")
+    (root / "images" / "Bengal_10.jpg").symlink_to("Bengal_1.jpg")  # within images/: fine
+
+    pets, skipped = _load_skipped(root)
+    assert ids(pets.train) == ["Bengal_1", "Bengal_2", "Bengal_3", "Bengal_4", "Bengal_10"]
+    assert sorted(skipped) == sorted(leaving.values())
+
+    with pytest.raises(UserError) as error:
+        _load_skipped(root, strict_data=True)
+    message = str(error.value)
+    assert message.startswith(f"strict_data: {len(leaving)} bad input(s), first images/../../outside")
+    assert "path leaves images/" in message and "\n" not in message
+
+
+def test_a_fifo_or_folder_named_like_an_image_is_left_out_without_blocking(make_pet_folder, tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    extra = [annotation_line(i, "Bengal") for i in ("Bengal_16", "Bengal_17")]
+    root = make_pet_folder(tmp_path, {"Bengal": (4, 2)}, extra_trainval=extra)
+    os.mkfifo(root / "images" / "Bengal_16.jpg")  # opening it for reading waits for a writer
+    (root / "images" / "Bengal_17.jpg").mkdir()
+    code = ("import json, sys\nfrom pet_pipeline.data import load_pets\n"
+            "pets = load_pets(data_dir=sys.argv[1], species='cat', val_fraction=0)\n"
+            "print(json.dumps([list(pets.train['image_id']), pets.skipped]))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    try:  # in a child process, so that a scan that blocks fails this test instead of hanging CI
+        result = subprocess.run([sys.executable, "-c", code, str(root)], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading a folder with a FIFO named Bengal_16.jpg blocked for 90 s")
+    assert result.returncode == 0, result.stderr[-2000:]
+    train, skipped = json.loads(result.stdout.splitlines()[-1])
+    assert train == ["Bengal_1", "Bengal_2", "Bengal_3", "Bengal_4"]
+    assert skipped == ["images/Bengal_16.jpg: not a regular file", "images/Bengal_17.jpg: not a regular file"]
+
+
+def write_blank_png(path, width: int, height: int) -> None:
+    """A valid 1-bit PNG of width x height, tiny on disk (~110 KB at 30000x30000)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)  # filter byte + packed bits
+    data = b"".join([compressor.compress(row) for _ in range(height)] + [compressor.flush()])
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+                     + chunk(b"IEND", b""))
+
+
+def test_images_over_the_pixel_limit_are_named_from_the_header(make_pet_folder, tmp_path, monkeypatch):
+    extra = [annotation_line(i, "Bengal") for i in ("Bengal_17", "Bengal_18")]
+    root = make_pet_folder(tmp_path, {"Bengal": (4, 2)}, extra_trainval=extra)
+    bomb, big = root / "images" / "Bengal_17.jpg", root / "images" / "Bengal_18.jpg"
+    write_blank_png(bomb, 30000, 30000)  # 900 M pixels: over twice PIL's limit, it raises
+    write_blank_png(big, 10000, 10000)  # 100 M pixels: over the limit, PIL only warns
+    assert bomb.stat().st_size < 200_000 and Image.MAX_IMAGE_PIXELS < 10000 * 10000
+    with pytest.raises(Image.DecompressionBombError):  # the premise
+        Image.open(bomb)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with count_decodes() as decodes:
+            pets, skipped = _load_skipped(root)
+    assert sum(decodes.values()) == 0
+    assert ids(pets.train) == ["Bengal_1", "Bengal_2", "Bengal_3", "Bengal_4"]
+    assert skipped == [
+        "images/Bengal_17.jpg: over the pixel limit (900,000,000 pixels > 89,478,485)",
+        "images/Bengal_18.jpg: over the pixel limit (10000x10000 = 100,000,000 pixels > 89,478,485)",
+    ]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000_000)  # PIL's limit raised: ours too
+    assert check_image_file(big) is None and "over the pixel limit" in check_image_file(bomb)
+
+
+def test_duplicate_lines_are_kept_once_and_counted(make_pet_folder, tmp_path):
+    extra_trainval = [
+        annotation_line("Bengal_1", "Bengal"),  # line 10: a repeat of line 1
+        annotation_line("./Bengal_2", "Bengal"),  # the same image, spelt differently
+        annotation_line("Sphynx_1", "Bengal"),  # a repeat with another breed: the first wins
+        annotation_line("beagle_1", "beagle"),  # a dog: not this run's business
+    ]
+    root = make_pet_folder(tmp_path, {"Bengal": (4, 2), "Sphynx": (3, 2), "beagle": (2, 0)},
+                           extra_trainval=extra_trainval,
+                           extra_test=[annotation_line("Bengal_6", "Bengal")])
+    pets, skipped = _load_skipped(root)
+    assert ids(pets.train) == ["Bengal_1", "Bengal_2", "Bengal_3", "Bengal_4",
+                               "Sphynx_1", "Sphynx_2", "Sphynx_3"]
+    assert ids(pets.test) == ["Bengal_5", "Bengal_6", "Sphynx_4", "Sphynx_5"]
+    assert pets.class_names[pets.train["label"][4]] == "Sphynx"
+    assert skipped == [
+        "annotations/trainval.txt:10: images/Bengal_1.jpg listed again, first on line 1; kept once",
+        "annotations/trainval.txt:11: images/./Bengal_2.jpg listed again, first on line 2; kept once",
+        "annotations/trainval.txt:12: images/Sphynx_1.jpg listed again as Bengal (the first line's "
+        "Sphynx kept), first on line 5; kept once",
+        "annotations/test.txt:5: images/Bengal_6.jpg listed again, first on line 2; kept once",
+    ]
+    assert pets.duplicates == 4 and pets.leaks == 0
+
+
+def test_an_image_in_both_trainval_and_test_is_dropped_from_training(make_pet_folder, tmp_path):
+    root = make_pet_folder(tmp_path, {"Bengal": (4, 2), "Sphynx": (4, 2)},
+                           extra_trainval=[annotation_line("Sphynx_9", "Sphynx")],
+                           extra_test=[annotation_line("Bengal_1", "Bengal")])
+    (root / "images" / "Sphynx_9.jpg").symlink_to("Sphynx_5.jpg")  # a test image by another name
+    pets = load_pets(data_dir=str(root), species="cat", breeds=["Bengal", "Sphynx"],
+                     val_fraction=0.25, seed=0)
+    train = ids(pets.train) + ids(pets.val)
+    assert sorted(train) == ["Bengal_2", "Bengal_3", "Bengal_4", "Sphynx_1", "Sphynx_2",
+                             "Sphynx_3", "Sphynx_4"]
+    assert ids(pets.test) == ["Bengal_5", "Bengal_6", "Sphynx_5", "Sphynx_6", "Bengal_1"]  # untouched
+    assert pets.skipped == [
+        "images/Bengal_1.jpg: listed in both trainval.txt and test.txt (a train/test leak); "
+        "left out of training, kept in test",
+        "images/Sphynx_9.jpg: the same file as test image Sphynx_5 (a train/test leak); "
+        "left out of training, kept in test",
+    ]
+    assert pets.leaks == 2 and pets.duplicates == 0
+    with pytest.raises(UserError, match=r"^strict_data: 2 bad input\(s\), first images/Bengal_1\.jpg"):
+        load_pets(data_dir=str(root), species="cat", val_fraction=0, strict_data=True)
 
 
 # ----------------------------------------------------------------------------- the real sample

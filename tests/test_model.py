@@ -1,12 +1,17 @@
-"""build_model: the weights it is asked for, from the Hub or a local file, never random ones."""
+"""build_model: the weights it is asked for, from the Hub or a local file, never random ones;
+load_trained_model: a model folder's config is checked before anything is built from it."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from pet_pipeline.model import build_model
+from pet_pipeline.errors import UserError
+from pet_pipeline.model import build_model, load_trained_model
 
 
 def test_a_family_without_stochastic_depth_still_loads_pretrained_path(tmp_path):
@@ -22,3 +27,36 @@ def test_a_family_without_stochastic_depth_still_loads_pretrained_path(tmp_path)
     body = [k for k in weights if not k.startswith("classifier.")]  # the new head is 3 classes
     assert body and all(torch.equal(loaded[k], weights[k]) for k in body)
     assert loaded["classifier.weight"].shape == (3, 1280)
+
+
+GOOD_EXPORT = {"architecture": "resnet18", "num_classes": 2, "label_names": ["Abyssinian", "Bengal"],
+               "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"architecture": "hf-hub:timm/resnet18"}, "not a plain timm model name"),
+    ({"architecture": "local-dir:/elsewhere"}, "not a plain timm model name"),
+    ({"architecture": "../../resnet18"}, "not a plain timm model name"),
+    ({"architecture": 18}, "not a plain timm model name"),
+    ({"label_names": "Abyssinian"}, "no list of class names"),
+    ({"num_classes": 3}, "num_classes 3"),
+    ({"pretrained_cfg": {"input_size": "big"}}, "input_size"),
+])
+def test_a_crafted_model_config_is_refused_in_one_sentence(tmp_path, change, fragment):
+    """config.json is data: it never makes the loader reach for the Hub or other folders."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**GOOD_EXPORT, **change}))
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=fragment):
+        load_trained_model(folder)
+
+
+def test_a_crafted_train_state_is_refused_too(tmp_path):
+    checkpoint = tmp_path / "checkpoints" / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_state.json").write_text(json.dumps(
+        {"model": "local-dir:/etc", "class_names": ["A"], "data_config": {"input_size": [3, 8, 8]}}))
+    (checkpoint / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="not a plain timm model name"):
+        load_trained_model(checkpoint)

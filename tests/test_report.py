@@ -143,6 +143,21 @@ def test_save_results_writes_evaluate_json(offline_results):
     assert not list((work / "saved").glob("*.lock"))
 
 
+def test_save_results_outside_a_git_checkout_prints_no_git_error(tmp_path):
+    """evaluate.save asks git for the commit; outside a checkout git's "fatal: not a git
+    repository" used to land in every run's log."""
+    root = Path(__file__).resolve().parents[1]
+    script = ("import sys; from pet_pipeline.metrics import save_results; "
+              "print(save_results(sys.argv[1], {'accuracy': 0.5}, file_name='m.json'))")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "fatal" not in result.stderr and "git" not in result.stderr, result.stderr
+    saved = json.loads((tmp_path / "out" / "m.json").read_text())
+    assert saved["accuracy"] == 0.5 and saved["_git_commit_hash"] is None
+
+
 # ------------------------------------------------------------------ figures
 
 def confusion(k: int, seed: int = 0) -> np.ndarray:

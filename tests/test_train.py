@@ -233,6 +233,33 @@ def test_two_cpu_processes_train_and_only_rank0_writes(tmp_path, env):
 # --------------------------------------------------------------------------- bad input
 
 
+def test_a_loss_that_becomes_nan_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, env):
+    """lr 1e30 without clipping: step 1's loss is finite, step 2's is not. The run ends at the
+    next sync point in one sentence, saves nothing after it and exports nothing."""
+    out = tmp_path / "nan"
+    result = run_train([*TINY, "--val_fraction", "0", "--lr", "1e30", "--clip_grad_norm", "null",
+                        "--warmup_epochs", "0", "--max_steps", "6", "--checkpoint_steps", "1",
+                        "--output_dir", str(out)], env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "training loss became nan by step 2" in line and "lower lr" in line
+    assert "step_00000001 is kept" in line
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000001"]
+    assert not (out / "model").exists() and not (out / "eval").exists()
+    for raw in (out / "metrics.jsonl").read_text().splitlines():  # strict JSON, every line
+        json.loads(raw, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    from pet_pipeline.tracking import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    log.write({"step": 1, "train_loss": float("nan"), "images_per_s": float("inf"), "lr": 1e-3})
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} written"))
+    assert record == {"step": 1, "train_loss": None, "images_per_s": None, "lr": 1e-3}
+
+
 def test_pretrained_weights_unreachable_ends_in_one_sentence(tmp_path, env):
     offline = {**env, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     result = run_train([*TINY, "--pretrained", "true", "--val_fraction", "0.25",

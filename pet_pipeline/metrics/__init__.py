@@ -17,6 +17,9 @@ its modules cache there). The scripts are the Hub's structure with scikit-learn 
 from __future__ import annotations
 
 import json
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -107,4 +110,24 @@ def save_results(path_dir: str | Path, results: dict, *, file_name: str | None =
     """
     target = Path(path_dir) / file_name if file_name else Path(path_dir)
     plain_results = json.loads(json.dumps(results, default=_plain))
-    return Path(evaluate.save(str(target), **plain_results))
+    with _git_quiet_outside_a_repository():
+        return Path(evaluate.save(str(target), **plain_results))
+
+
+@contextmanager
+def _git_quiet_outside_a_repository():
+    """Outside a git checkout, evaluate.save's `git rev-parse` prints "fatal: not a git
+    repository" on our stderr (the hash is null either way): send the child's stderr
+    (file descriptor 2, which it inherits) to /dev/null for that call only."""
+    if any((folder / ".git").exists() for folder in (Path.cwd(), *Path.cwd().parents)):
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
