@@ -76,6 +76,10 @@ def evaluate(config: EvalConfig) -> int:
     data = resolve_data_keys(config, run_config if run_config.is_file() else None)
     if config.split == "val" and not data["val_fraction"]:
         raise UserError("split: val needs val_fraction > 0; the training run had no validation split.")
+    if config.split == "test":
+        # the test split is the annotation file's, whatever the validation split: don't make
+        # one (train is trainval minus val, so --split train keeps the run's val_fraction)
+        data["val_fraction"] = 0
     # beside model/ as eval_SPLIT; for a checkpoint, in the run folder as eval_SPLIT_step_N
     # (not inside checkpoints/, which holds checkpoints only)
     default_name = f"eval_{config.split}" + ("" if model_dir.parent == description["run_dir"]
@@ -86,6 +90,8 @@ def evaluate(config: EvalConfig) -> int:
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     with accelerator.local_main_process_first():
         pets = load_pets(species="all", breeds=class_names, **data)
+    for note in pets.notes:
+        accelerator.print(note)
     dataset = {"test": pets.test, "val": pets.val, "train": pets.train}[config.split]
     if dataset is None or len(dataset) == 0:
         raise UserError(f"split: the {config.split} split is empty after filtering; check the data keys.")

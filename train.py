@@ -31,9 +31,11 @@ from pet_pipeline.errors import UserError, exit_with
 def train(config: Config, argv: list[str]) -> int:
     # torch, timm and the rest are imported here rather than at the top, so that `--help`
     # and a mistyped key or value answer in a fraction of a second instead of after ~8 s.
+    from datetime import timedelta
+
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
     from tqdm.auto import tqdm
 
     from pet_pipeline.checkpoint import Checkpointer, TrainState, check_same_split, load_checkpoint
@@ -60,6 +62,8 @@ def train(config: Config, argv: list[str]) -> int:
 
     # ------------------------------------------------------------------ accelerator and the start
     accelerator = Accelerator(
+        # a frozen rank ends the job after this long in a collective (gloo raises, NCCL aborts)
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s))],
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum_steps,
         log_with=trackers_for(config.report_to) or None,
@@ -168,13 +172,8 @@ def train(config: Config, argv: list[str]) -> int:
             save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
         final_report(config, accelerator, parts, loaders, pets, state, run_log, stop=stop,
                      class_names=class_names, data_config=data_config)
-    except FloatingPointError as error:  # nothing after the last checkpoint is kept or exported
-        kept = checkpointer.newest_complete()
-        raise UserError(
-            f"{error}: the run stopped without saving or exporting those weights"
-            f"{f' ({kept.name} is kept)' if kept else ''}; lower lr (now {config.lr:g}), raise "
-            "warmup_epochs or clip_grad_norm, or use bf16 instead of fp16, and start again with "
-            "resume: overwrite or another output_dir.") from None
+    except (FloatingPointError, RuntimeError) as error:  # a loss that blew up, a frozen rank
+        raise explain_failure(error, config, accelerator, checkpointer) from None
     except StopRequested as request:
         run_log.print(f"stopping on {request} at step {state.global_step}")
         save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
@@ -440,6 +439,25 @@ def final_report(config: Config, accelerator, parts, loaders, pets, state, run_l
             plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "training_curves.png")
             run_log.print(f"test accuracy {test_metrics['accuracy']:.4f} on {test_metrics['n']} images;"
                           f" report in {out / 'eval'}")
+
+
+def explain_failure(error: Exception, config: Config, accelerator, checkpointer) -> Exception:
+    """The one sentence for a failure inside the loop that the user can act on, or the error
+    itself (then a traceback: a bug to report)."""
+    kept = checkpointer.newest_complete()
+    if isinstance(error, FloatingPointError):  # nothing after the last checkpoint was kept
+        return UserError(
+            f"{error}: the run stopped without saving or exporting those weights"
+            f"{f' ({kept.name} is kept)' if kept else ''}; lower lr (now {config.lr:g}), raise "
+            "warmup_epochs or clip_grad_norm, or use bf16 instead of fp16, and start again with "
+            "resume: overwrite or another output_dir.")
+    if "timed out" in str(error).lower() or "timeout" in str(error).lower():  # gloo's collectives
+        return UserError(
+            f"process {accelerator.process_index} waited over {config.collective_timeout_s} s for "
+            "the others in a collective (one is frozen, stopped or much slower: a hung filesystem, "
+            f"a debugger, SIGSTOP); the job stops{f', {kept.name} is intact' if kept else ''}: "
+            "rerun the same command to resume.")
+    return error
 
 
 def main(argv: list[str] | None = None) -> int:

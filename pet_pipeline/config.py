@@ -118,6 +118,10 @@ class Config:
     channels_last: bool = _field(True, "Use the channels_last memory format on GPU (ignored on CPU).")
     compile: bool = _field(False, "torch.compile the model (pays off only on long runs).")
     sync_bn: bool = _field(False, "Convert BatchNorm to SyncBatchNorm when several processes train.")
+    collective_timeout_s: int = _field(
+        300, "Seconds a process waits for the others in a collective before the job ends (a frozen "
+        "or stopped process); keep it below your scheduler's grace time."
+    )
     # ---- run ----
     seed: int = _field(42, "Seed for the split, the initial weights, data order and augmentation.")
     output_dir: str = _field("runs/pets", "Where the run writes everything.")
@@ -172,6 +176,7 @@ def validate(c: Config) -> None:
     if not 0.0 <= c.val_fraction < 1.0:
         raise UserError(f"val_fraction: {c.val_fraction!r} must be in [0, 1), e.g. 0.1.")
     for key in ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints", "log_every",
+                "collective_timeout_s",
                 "synthetic_images_per_class"):
         _at_least(key, getattr(c, key), 1)
     _at_least("gradcam_images", c.gradcam_images, 0)

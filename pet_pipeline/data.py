@@ -5,6 +5,7 @@
     pets.class_names                       # the kept breeds, official order, label 0..K-1
     pets.skipped                           # "images/x.jpg: empty file", ... (left out)
     pets.duplicates, pets.leaks            # counts, each also named in pets.skipped
+    pets.notes                             # e.g. a val_fraction raised so every class has val
 
 Sources: a local folder in the official layout (or its torchvision parent), the Hub
 (`timm/oxford-iiit-pet`), or `synthetic`, which generates a local folder once and loads it
@@ -49,6 +50,7 @@ class PetData:
     skipped: list[str] = field(default_factory=list)  # every problem, one line each
     duplicates: int = 0  # annotation lines repeating an image of the same file, kept once
     leaks: int = 0  # trainval images also in test.txt, dropped from training
+    notes: list[str] = field(default_factory=list)  # how the request was adapted, to print
 
 
 def pet_features(class_names: list[str]) -> Features:
@@ -266,30 +268,59 @@ def load_hub(dataset_id: str, class_names: list[str]) -> dict:
 # ----------------------------------------------------------------------------- one entry point
 
 
-def stratified_split(ds: datasets.Dataset, val_fraction: float, seed: int):
-    """(train, val) of `ds`, stratified by label and reproducible for a seed."""
+def stratified_split(ds: datasets.Dataset, val_fraction: float, seed: int,
+                     notes: list[str] | None = None):
+    """(train, val) of `ds`, stratified by label and reproducible for a seed.
+
+    Every class gets at least one validation image and keeps at least one training image.
+    When `val_fraction` can't give that, the smallest validation size that does is used
+    instead; when no size can (a class with fewer than 2 images), there is no validation
+    split (val None). Either way one line saying so is appended to `notes`.
+    """
     if val_fraction == 0:
         return ds, None
+    notes = [] if notes is None else notes
     labels = ds["label"][:]  # a list; iterating a datasets Column formats row by row
     counts = Counter(labels)
     names = ds.features["label"].names
-    too_few = [names[k] for k in range(len(names)) if counts.get(k, 0) < 2]
+    too_few = [k for k in range(len(names)) if counts.get(k, 0) < 2]
     if too_few:
-        raise UserError(
-            f"val_fraction: breed {too_few[0]} has fewer than 2 trainval images, too few to "
-            "split; set val_fraction: 0 or add images."
-        )
-    n_val = round(len(ds) * val_fraction)
-    if n_val < len(names) or len(ds) - n_val < len(names):
-        raise UserError(
-            f"val_fraction: {val_fraction} gives {n_val} validation images for {len(names)} "
-            "classes; a stratified split needs at least one per class, so raise or zero it."
-        )
-    # scikit-learn on the label list (~15 ms for the 3,680 trainval images), then two
-    # index views; datasets' own train_test_split took ~7x as long
-    train_rows, val_rows = train_test_split(
-        np.arange(len(ds)), test_size=n_val, stratify=labels, random_state=seed)
-    return ds.select(np.sort(train_rows)), ds.select(np.sort(val_rows))
+        notes.append(_no_validation_note(
+            f"breed {names[too_few[0]]} has {counts.get(too_few[0], 0)} trainval image(s)", len(ds)))
+        return ds, None
+    wanted = round(len(ds) * val_fraction)
+    rows = np.arange(len(ds))
+    most = len(ds) - len(names)  # every class keeps a training image
+    for n_val in range(min(max(wanted, len(names)), most), most + 1):
+        # scikit-learn on the label list (~15 ms for the 3,680 trainval images), then two
+        # index views; datasets' own train_test_split took ~7x as long
+        train_rows, val_rows = train_test_split(rows, test_size=n_val, stratify=labels,
+                                                random_state=seed)
+        # its allocation is proportional: a small class can get no validation image even
+        # when there are as many validation images as classes
+        if all(len({labels[i] for i in part}) == len(names) for part in (train_rows, val_rows)):
+            if n_val > wanted:
+                notes.append(
+                    f"val_fraction: {val_fraction} ({wanted} of {len(ds)} images) can't give "
+                    f"each of the {len(names)} classes a validation image; using the smallest "
+                    f"stratified fraction that does, {n_val / len(ds):.3g} ({n_val} images)."
+                )
+            elif n_val < wanted:
+                notes.append(
+                    f"val_fraction: {val_fraction} leaves too few training images for each of "
+                    f"the {len(names)} classes; using {n_val / len(ds):.3g} ({n_val} of "
+                    f"{len(ds)} images) instead."
+                )
+            return ds.select(np.sort(train_rows)), ds.select(np.sort(val_rows))
+    notes.append(_no_validation_note(f"no stratified split of {len(ds)} images gives each of "
+                                     f"the {len(names)} classes a training and a validation "
+                                     "image", len(ds)))
+    return ds, None
+
+
+def _no_validation_note(reason: str, n_images: int) -> str:
+    return (f"val_fraction: {reason}, too few for a validation split; training on all "
+            f"{n_images} trainval images without one, so the last weights are the model.")
 
 
 def split_fingerprint(pets: PetData) -> str:
@@ -336,9 +367,10 @@ def load_pets(
                 f"data: the {name} split has no images of {', '.join(class_names[:3])}"
                 f"{'...' if len(class_names) > 3 else ''}; check data_dir, species and breeds."
             )
-    train, val = stratified_split(splits["trainval"], val_fraction, seed)
+    notes = []
+    train, val = stratified_split(splits["trainval"], val_fraction, seed, notes)
     return PetData(train=train, val=val, test=splits["test"], class_names=class_names,
-                   skipped=skipped, **counts)
+                   skipped=skipped, notes=notes, **counts)
 
 
 # ----------------------------------------------------------------------------- pre-resized cache

@@ -56,7 +56,7 @@ CONFIG_FILE = "config.yaml"
 # Keys that don't change what is trained: a resumed run may change them.
 FREE_KEYS = ("report_to", "wandb_project", "run_name", "log_every", "num_workers", "gradcam_images",
              "eval_batch_size", "checkpoint_steps", "keep_checkpoints", "compile", "channels_last",
-             "mixed_precision", "strict_data")
+             "mixed_precision", "strict_data", "collective_timeout_s")
 # Keys that say where and how to start, not what the run is: never compared.
 START_KEYS = ("resume", "output_dir")
 # Keys that may grow to train for longer (the schedule then follows the new length).

@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pet_pipeline.checkpoint import list_checkpoints, read_train_state
+from pet_pipeline.checkpoint import list_checkpoints, read_train_state, verify_checkpoint
 from pet_pipeline.evaluation import read_confusion_matrix_csv
 from pet_pipeline.preemption import PREEMPTED_EXIT_CODE
 from pet_pipeline.tracking import read_metrics
@@ -236,6 +236,31 @@ def test_a_killed_rank_ends_the_job_quickly_and_resume_continues(tmp_path, env, 
     assert_ok(resumed.returncode, resumed_output, "the resumed run")
     assert f"resuming from {last_good.name}" in resumed_output
     assert_same_weights(final_weights(out), final_weights(uninterrupted))
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_job_after_the_collective_timeout(tmp_path, env):
+    """SIGSTOP on rank 1: rank 0 gives up after collective_timeout_s with one sentence, the
+    launcher stops the job, and the checkpoint before it is intact. torchrun gives the stopped
+    worker 30 s after SIGTERM before SIGKILL (fixed on a worker failure), hence 35 s here."""
+    out = tmp_path / "frozen"
+    timeout_s = 35
+    process = torchrun([*SMALL, "--epochs", "2", "--checkpoint_steps", "1",
+                        "--collective_timeout_s", str(timeout_s), "--output_dir", str(out)], env)
+    wait_for_record(out, lambda: process.poll() is None, lambda r: r.get("step") == 2 and "train_loss" in r)
+    (rank1,) = [p for p in psutil.Process(process.pid).children() if p.environ().get("RANK") == "1"]
+    frozen_at = time.time()
+    rank1.send_signal(signal.SIGSTOP)
+    try:
+        output = finish(process, timeout=120)
+    finally:
+        if psutil.pid_exists(rank1.pid):
+            rank1.send_signal(signal.SIGKILL)
+    elapsed = time.time() - frozen_at
+    assert process.returncode != 0, output[-3000:]
+    assert elapsed < 2 * timeout_s + 10, f"the job took {elapsed:.0f} s to end:\n{output[-2500:]}"
+    assert f"waited over {timeout_s} s for the others in a collective" in output, output[-3000:]
+    assert verify_checkpoint(list_checkpoints(out)[-1]) is None
 
 
 # --------------------------------------------------------------------------- a real SLURM cluster

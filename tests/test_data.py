@@ -240,10 +240,37 @@ def test_val_fraction_zero_keeps_all_of_trainval(split_folder):
     assert pets.val is None and len(pets.train) == 12 + 8
 
 
-def test_split_too_small_for_a_class_is_a_user_error(make_pet_folder, tmp_path):
+def test_a_val_fraction_too_small_for_every_class_is_raised_to_the_smallest_that_is_not(
+        make_pet_folder, tmp_path):
+    cats = ["Bengal", "Birman", "Sphynx"]
+    root = make_pet_folder(tmp_path, {breed: (2, 1) for breed in cats})
+    pets = load_pets(data_dir=str(root), species="cat", breeds=cats, val_fraction=0.1, seed=3)
+    assert sorted(pets.val["label"]) == [0, 1, 2] and sorted(pets.train["label"]) == [0, 1, 2]
+    assert pets.notes == [
+        "val_fraction: 0.1 (1 of 6 images) can't give each of the 3 classes a validation image; "
+        "using the smallest stratified fraction that does, 0.5 (3 images)."]
+    again = load_pets(data_dir=str(root), species="cat", breeds=cats, val_fraction=0.1, seed=3)
+    assert ids(again.val) == ids(pets.val)
+
+    # proportional allocation can starve a small class even with as many images as classes
+    root = make_pet_folder(tmp_path / "uneven", {"Bengal": (20, 1), "Sphynx": (2, 1)})
+    pets = load_pets(data_dir=str(root), species="cat", breeds=["Bengal", "Sphynx"],
+                     val_fraction=0.1)
+    assert sorted(set(pets.val["label"])) == [0, 1] and sorted(set(pets.train["label"])) == [0, 1]
+    assert len(pets.notes) == 1 and pets.notes[0].startswith("val_fraction: 0.1 (2 of 22 images)")
+
+    pets = load_pets(data_dir=str(root), species="cat", breeds=["Bengal", "Sphynx"],
+                     val_fraction=0.5)  # enough: the split of before, and nothing to say
+    assert len(pets.val) == 11 and pets.notes == []
+
+
+def test_a_class_with_one_trainval_image_means_no_validation_split(make_pet_folder, tmp_path):
     root = make_pet_folder(tmp_path, {"Bengal": (1, 1), "Sphynx": (6, 1)})
-    with pytest.raises(UserError, match=r"val_fraction: breed Bengal has fewer than 2"):
-        load_pets(data_dir=str(root), species="cat", breeds=["Bengal", "Sphynx"], val_fraction=0.3)
+    pets = load_pets(data_dir=str(root), species="cat", breeds=["Bengal", "Sphynx"], val_fraction=0.3)
+    assert pets.val is None and len(pets.train) == 7 and len(pets.test) == 2
+    assert pets.notes == [
+        "val_fraction: breed Bengal has 1 trainval image(s), too few for a validation split; "
+        "training on all 7 trainval images without one, so the last weights are the model."]
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -261,3 +261,27 @@ def test_a_two_process_checkpoint_evaluates_like_the_exported_model(env, tmp_pat
     assert [[r[c] for c in columns] for r in from_checkpoint] == [[r[c] for c in columns] for r in from_model]
     assert [float(r["confidence"]) for r in from_checkpoint] == pytest.approx(
         [float(r["confidence"]) for r in from_model], abs=1.1e-4)
+
+
+def test_test_and_train_splits_evaluate_even_when_no_validation_split_can_be_made(env, tmp_path):
+    """--split test never builds the validation split; --split train keeps the run's
+    val_fraction (train is trainval minus val) and says how it was adapted."""
+    import yaml
+    from conftest import write_pet_folder
+
+    counts = {breed: (2, 2) for breed in CAT_BREEDS}
+    counts["Bengal"] = (1, 2)  # one trainval image: no stratified split can give it a val image
+    folder = write_pet_folder(tmp_path / "pets", counts, image_size=32)
+    model = tiny_coatnet(seed=1)
+    checkpoint = fake_checkpoint(tmp_path / "run", {"module." + k: v.contiguous()
+                                                    for k, v in model.state_dict().items()})
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(
+        {"data_dir": str(folder), "val_fraction": 0.1, "seed": 0}))
+    args = ["--model_dir", str(checkpoint), "--gradcam_images", "0", "--num_workers", "0",
+            "--batch_size", "8"]
+    for split, n in (("test", 24), ("train", 23)):
+        result = ok(run("evaluate.py", [*args, "--split", split,
+                                        "--output_dir", str(tmp_path / split)], env))
+        assert json.loads((tmp_path / split / "metrics.json").read_text())["n"] == n
+        note = "val_fraction: breed Bengal has 1 trainval image(s), too few for a validation split"
+        assert (note in result.stdout) == (split == "train"), result.stdout
