@@ -74,6 +74,7 @@ def train(config: Config, argv: list[str]) -> int:
         # batches from pinned memory are copied to the GPU without the host waiting for it
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
+    check_launch(accelerator)  # every process of the launch joined this one job
     plan = decide_start(accelerator, run_dir, config, argv)  # new, resume or re-evaluate
     run_log = RunLog(accelerator, run_dir.path / "metrics.jsonl", resume_step=plan.step, clock=clock)
     if run_dir.took_over:
@@ -212,6 +213,24 @@ def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
     if "wandb" in trackers_for(config.report_to):
         choose_wandb_mode()  # offline without credentials
     return data_config, class_names
+
+
+def check_launch(accelerator) -> None:
+    """Stop at once when the launcher's processes did not become one job: a multi-GPU launch
+    config on a machine without CUDA starts N lone single-process runs on one output_dir."""
+    import torch
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UserError(
+            f"launch: {launched} processes were started but Accelerate joined "
+            f"{accelerator.num_processes} (no CUDA GPU for a multi-GPU launch?); on CPUs run "
+            f"`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {launched} train.py ...`, or "
+            "`python train.py ...` for one process.")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if accelerator.device.type == "cuda" and local > torch.cuda.device_count():
+        raise UserError(f"launch: {local} processes on this node but {torch.cuda.device_count()} "
+                        f"GPU(s); launch with --num_processes {torch.cuda.device_count()} (per node).")
 
 
 def decide_start(accelerator, run_dir, config: Config, argv: list[str]):

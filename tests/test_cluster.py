@@ -238,6 +238,24 @@ def test_a_killed_rank_ends_the_job_quickly_and_resume_continues(tmp_path, env, 
     assert_same_weights(final_weights(out), final_weights(uninterrupted))
 
 
+def test_processes_that_do_not_join_one_job_stop_at_once(tmp_path, env):
+    """torchrun with 2 processes but no ACCELERATE_USE_CPU on a machine without CUDA: each
+    process would train alone on one output_dir (a multi-GPU launch config on CPUs)."""
+    out = tmp_path / "mismatch"
+    cpu_env = {k: v for k, v in env.items() if k != "ACCELERATE_USE_CPU"}
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", str(ROOT / "train.py"), *SMALL,
+                             "--output_dir", str(out)], env={**cpu_env, "CUDA_VISIBLE_DEVICES": ""},
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "launch: 2 processes were started but Accelerate joined 1" in output, output[-3000:]
+    assert "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2" in output
+    assert time.time() - started < 60
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
+
+
 @pytest.mark.slow
 def test_a_frozen_rank_ends_the_job_after_the_collective_timeout(tmp_path, env):
     """SIGSTOP on rank 1: rank 0 gives up after collective_timeout_s with one sentence, the
