@@ -42,9 +42,20 @@ def resolve_data_keys(config: EvalConfig, run_config: Path | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(sys.argv[1:] if argv is None else argv, cls=EvalConfig)
+        check_model_dir(Path(config.model_dir))  # before torch: a wrong path answers at once
         return evaluate(config)
     except UserError as error:
         exit_with(error)
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """The folder is a model/ folder (config.json) or a checkpoint (train_state.json)."""
+    if not model_dir.is_dir():
+        raise UserError(f"model_dir: {model_dir} is not a folder; give a run's model/ folder or one "
+                        "of its checkpoints/step_N folders.")
+    if not ((model_dir / "config.json").is_file() or (model_dir / "train_state.json").is_file()):
+        raise UserError(f"model_dir: {model_dir} has neither config.json nor train_state.json; give a "
+                        "run's model/ folder or one of its checkpoints/step_N folders.")
 
 
 def evaluate(config: EvalConfig) -> int:

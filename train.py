@@ -25,7 +25,7 @@ import os
 import sys
 
 from pet_pipeline.config import Config, load_config
-from pet_pipeline.errors import UserError, exit_with
+from pet_pipeline.errors import PREEMPTED_EXIT_CODE, StoppedBeforeTraining, UserError, exit_with
 
 
 def train(config: Config, argv: list[str]) -> int:
@@ -41,7 +41,7 @@ def train(config: Config, argv: list[str]) -> int:
     from pet_pipeline.checkpoint import Checkpointer, TrainState, check_same_split, load_checkpoint
     from pet_pipeline.config import to_dict
     from pet_pipeline.data import split_fingerprint
-    from pet_pipeline.preemption import PREEMPTED_EXIT_CODE, StopFlag, StopRequested
+    from pet_pipeline.preemption import StopFlag, StopRequested
     from pet_pipeline.rundir import RunDirectory
     from pet_pipeline.tracking import (
         PhaseClock,
@@ -117,6 +117,7 @@ def train(config: Config, argv: list[str]) -> int:
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     run_log.clock.seconds["setup"] = run_log.clock.elapsed()  # everything before step 1
     exit_code = 0
+    stop.arm()  # before this line a signal ended the process at once (nothing to save)
     try:
         while not state.finished(epochs=config.epochs, max_steps=config.max_steps):
             train_loader.set_epoch(state.epoch)
@@ -199,6 +200,8 @@ def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
     import torch
 
     from pet_pipeline.breeds import kept_breeds
+    from pet_pipeline.data import find_pet_root
+    from pet_pipeline.model import check_weights_available
     from pet_pipeline.tracking import choose_wandb_mode, trackers_for
     from pet_pipeline.transforms import decode_size, model_data_config
 
@@ -206,6 +209,10 @@ def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
         raise UserError("mixed_precision: fp16 needs a GPU; use bf16 or no on a CPU.")
     data_config = model_data_config(config.model, config.image_size)  # also checks the name
     class_names = kept_breeds(config.species, config.breeds)
+    if config.data_dir is not None:
+        find_pet_root(config.data_dir)  # the official layout is there
+    check_weights_available(config.model, pretrained=config.pretrained,
+                            pretrained_path=config.pretrained_path)
     eval_side = decode_size(data_config, None)  # the short side the eval transform resizes to
     if config.pre_resize is not None and config.pre_resize < eval_side:
         raise UserError(f"pre_resize: {config.pre_resize} px is below the {eval_side} px that "
@@ -267,6 +274,10 @@ def build_data(config: Config, accelerator, data_config: dict):
             synthetic_images_per_class=config.synthetic_images_per_class,
             synthetic_image_size=config.synthetic_image_size,
         )
+    if pets.val is None and (config.scheduler == "plateau" or config.early_stopping_patience):
+        raise UserError(f"val_fraction: the data is too small for a validation split "
+                        f"({'; '.join(pets.notes)}), which scheduler: plateau and early stopping "
+                        "need; use scheduler: cosine and no early_stopping_patience, or more images.")
     processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     num_workers = (config.num_workers if config.num_workers is not None
                    else default_num_workers(processes_per_node))
@@ -363,7 +374,9 @@ def start_summary(config: Config, accelerator, pets, loaders, parts, plan, state
         f" {loaders.num_workers} loader worker(s) per process",
         f"data: train {len(pets.train)} / val {len(pets.val) if pets.val else 0} / test"
         f" {len(pets.test)} images, {len(class_names)} classes ({', '.join(class_names[:3])}"
-        f"{', ...' if len(class_names) > 3 else ''}); {len(pets.skipped)} bad input(s) left out",
+        f"{', ...' if len(class_names) > 3 else ''}); {len(pets.skipped)} bad input(s) left out"
+        f" ({pets.duplicates} duplicate line(s) kept once,"
+        f" {pets.leaks} train/test leak(s) dropped from training)",
         f"batch: {config.batch_size} per device x {config.grad_accum_steps} accumulation x"
         f" {accelerator.num_processes} process(es) = {effective_batch} images per optimizer step;"
         f" {parts.steps_per_epoch} steps per epoch, {parts.total_steps} in all",
@@ -374,6 +387,7 @@ def start_summary(config: Config, accelerator, pets, loaders, parts, plan, state
             f"{os.path.basename(plan.checkpoint)}, step {state.global_step})" if plan.checkpoint else ""),
     ]
     lines += [f"  left out: {problem}" for problem in pets.skipped[:20]]
+    lines += [f"  note: {note}" for note in pets.notes]
     return "\n".join(lines)
 
 
@@ -485,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         return train(load_config(argv), argv)
     except UserError as error:
         exit_with(error)
+    except StoppedBeforeTraining as signal_name:
+        print(f"stopped on {signal_name} before the first step: nothing to save; rerun the same "
+              f"command to start (exit status {PREEMPTED_EXIT_CODE})", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

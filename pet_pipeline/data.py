@@ -203,7 +203,7 @@ def load_local(data_dir: str | Path, class_names: list[str]) -> tuple[dict, list
     for row, path in kept["trainval"]:
         if os.path.normpath(row.image_id) in listed["test"]:
             where = "listed in both trainval.txt and test.txt"
-        elif path in test_files:  # another name (a symlink, `./x`) for a test image's file
+        elif path in test_files:  # another name (a symlink) for a test image's file
             where = f"the same file as test image {test_files[path]}"
         else:
             trainval.append((row, path))
@@ -286,7 +286,8 @@ def stratified_split(ds: datasets.Dataset, val_fraction: float, seed: int,
     too_few = [k for k in range(len(names)) if counts.get(k, 0) < 2]
     if too_few:
         notes.append(_no_validation_note(
-            f"breed {names[too_few[0]]} has {counts.get(too_few[0], 0)} trainval image(s)", len(ds)))
+            f"breed {names[too_few[0]]} has {counts.get(too_few[0], 0)} trainval image(s), too few "
+            "for a validation split", len(ds)))
         return ds, None
     wanted = round(len(ds) * val_fraction)
     rows = np.arange(len(ds))
@@ -313,14 +314,14 @@ def stratified_split(ds: datasets.Dataset, val_fraction: float, seed: int,
                 )
             return ds.select(np.sort(train_rows)), ds.select(np.sort(val_rows))
     notes.append(_no_validation_note(f"no stratified split of {len(ds)} images gives each of "
-                                     f"the {len(names)} classes a training and a validation "
-                                     "image", len(ds)))
+                                     f"the {len(names)} classes both a training and a "
+                                     "validation image", len(ds)))
     return ds, None
 
 
 def _no_validation_note(reason: str, n_images: int) -> str:
-    return (f"val_fraction: {reason}, too few for a validation split; training on all "
-            f"{n_images} trainval images without one, so the last weights are the model.")
+    return (f"val_fraction: {reason}; training on all {n_images} trainval images without "
+            "one, so the last weights are the model.")
 
 
 def split_fingerprint(pets: PetData) -> str:

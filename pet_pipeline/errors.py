@@ -5,6 +5,9 @@ from __future__ import annotations
 import sys
 
 USAGE_EXIT_CODE = 2
+# Exit status of a run that stopped on a signal (after saving a checkpoint, or before its
+# first step). The sbatch scripts requeue on it; rerun with resume: auto to continue.
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
 
 
 class UserError(Exception):
@@ -18,3 +21,8 @@ class UserError(Exception):
 def exit_with(error: UserError) -> None:
     print(f"error: {error}", file=sys.stderr, flush=True)
     raise SystemExit(USAGE_EXIT_CODE)
+
+
+class StoppedBeforeTraining(Exception):
+    """A stop signal before the first step (data scan, model download, resume): there is
+    nothing new to save, so the process ends at once instead of after the setup."""

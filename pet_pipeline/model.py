@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import timm
@@ -68,6 +69,49 @@ def build_model(
             f"({str(e).splitlines()[0][:120]}); give a local file with pretrained_path, "
             "or train from scratch with pretrained: false."
         ) from None
+
+
+def check_weights_available(model_name: str, *, pretrained: bool, pretrained_path: str | None) -> None:
+    """Before any data is read: the weights a run will start from can be had. A local file's
+    header must read; Hub weights must be in the cache or, online, on the Hub."""
+    if pretrained_path is not None:
+        try:
+            if str(pretrained_path).endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(str(pretrained_path), "pt") as f:
+                    f.keys()
+            else:  # torch.save writes a zip archive (a pickle before torch 1.6)
+                with open(pretrained_path, "rb") as f:
+                    legacy_pickle = f.read(1) == b"\x80"
+                if not (legacy_pickle or zipfile.is_zipfile(pretrained_path)):
+                    raise ValueError("neither a zip archive nor a pickle")
+        except Exception as e:
+            raise UserError(f"pretrained_path: {pretrained_path} is not a readable weights file "
+                            f"({str(e).splitlines()[0][:90]}); give a safetensors or PyTorch file.") from None
+        return
+    if not pretrained:
+        return
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    unavailable = (f"pretrained: the ImageNet weights of {model_name} can't be had ({{}}); give a local "
+                   "file with pretrained_path, or train from scratch with pretrained: false.")
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise UserError(unavailable.format("timm has none for it"))
+    if not cfg.hf_hub_id:
+        return  # a URL download: torch.hub's cache decides later
+    import huggingface_hub
+    from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled
+
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(cfg.hf_hub_id, name), str) for name in names):
+        return
+    try:
+        if not any(huggingface_hub.file_exists(cfg.hf_hub_id, name) for name in names):
+            raise UserError(unavailable.format(f"{cfg.hf_hub_id} holds no weights file"))
+    except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
+        why = "offline and not in the Hugging Face cache" if isinstance(e, OfflineModeIsEnabled) \
+            else f"the Hub can't be reached: {type(e).__name__}"
+        raise UserError(unavailable.format(why)) from None
 
 
 def export_model(model: torch.nn.Module, out_dir: str | Path, *, model_name: str,

@@ -12,9 +12,7 @@ import signal
 
 import torch
 
-# Exit status of a run that stopped on a signal after saving a checkpoint. The sbatch
-# scripts requeue on it; rerun with resume: auto (the default) to continue.
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
+from pet_pipeline.errors import PREEMPTED_EXIT_CODE, StoppedBeforeTraining  # noqa: F401 (re-exported)
 
 
 class StopRequested(Exception):
@@ -25,12 +23,19 @@ class StopFlag:
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.requested = False
         self.signal_name = None
+        self.armed = False  # until arm(): a signal ends the process at once
         for sig in signals:
             signal.signal(sig, self._handle)
+
+    def arm(self) -> None:
+        """From here on (the first step), a signal asks for a checkpoint at the next step."""
+        self.armed = True
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        if not self.armed:
+            raise StoppedBeforeTraining(self.signal_name)
 
     def agreed(self, accelerator) -> bool:
         """True on every rank when any rank was signalled (one tiny all-reduce when

@@ -9,6 +9,7 @@ Faults:
                        for the K-th time (once per optimizer step)
     enospc-at-save:N   the N-th checkpoint save writes part of a file, then fails with
                        OSError(ENOSPC), as on a full disk
+    sigterm-in-data:S  a real SIGTERM as the data starts loading, which then takes S seconds
 
 The hooks patch os/pathlib and torch from outside; train.py runs unchanged via runpy.
 """
@@ -33,6 +34,8 @@ def install(faults: list[str]) -> None:
             _sigterm_at_step(n)
         elif name == "enospc-at-save":
             _enospc_at_save(n)
+        elif name == "sigterm-in-data":
+            _sigterm_in_data(n)
         else:
             raise SystemExit(f"unknown fault {fault!r}")
 
@@ -78,6 +81,21 @@ def _enospc_at_save(n: int) -> None:
         return original(self, output_dir, **kwargs)
 
     accelerate.Accelerator.save_state = save_state
+
+
+def _sigterm_in_data(seconds: int) -> None:
+    import time
+
+    import pet_pipeline.data
+
+    original = pet_pipeline.data.load_pets
+
+    def load_pets(**kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(seconds)  # a slow scan (a big folder, a slow mount)
+        return original(**kwargs)
+
+    pet_pipeline.data.load_pets = load_pets
 
 
 if __name__ == "__main__":

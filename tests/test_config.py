@@ -195,7 +195,9 @@ def test_real_process_exits_2_without_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("script, argv", [("train.py", ["--lr", "abc"]),
-                                          ("evaluate.py", ["--split", "nope"])])
+                                          ("evaluate.py", ["--split", "nope"]),
+                                          ("evaluate.py", ["--model_dir", "runs/no-such-run/model"]),
+                                          ("evaluate.py", ["--model_dir", "tests"])])
 def test_config_mistakes_answer_before_torch_is_imported(script, argv):
     """--help and config errors need no torch, timm or datasets: they answer at once."""
     probe = (f"import runpy, sys\nsys.argv = [{script!r}, *{argv!r}]\n"

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from pet_pipeline.checkpoint import (
 )
 from pet_pipeline.config import build_config
 from pet_pipeline.errors import UserError
+from pet_pipeline.preemption import PREEMPTED_EXIT_CODE
 from pet_pipeline.rundir import RunDirectory, config_changes, read_starts
 from pet_pipeline.tracking import read_metrics
 
@@ -71,10 +73,11 @@ def refused(result, *fragments):
     """Exit 2 with one `error:` sentence holding every fragment, and no traceback."""
     assert result.returncode == 2, f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    lines = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     for fragment in fragments:
-        assert fragment in line, line
-    return line
+        assert fragment in lines[0], f"{lines[0]}\n{result.stdout[-2000:]}"
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -247,10 +250,11 @@ def test_a_second_start_on_the_same_folder_exits_2_naming_the_holder(tmp_path, e
     out = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pet_pipeline.rundir import RunDirectory; "
-         f"RunDirectory({str(out)!r}).lock(); print('locked', flush=True); time.sleep(120)"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+         f"RunDirectory({str(out)!r}).lock(); print('locked', flush=True); time.sleep(600)"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        first = holder.stdout.readline().strip()
+        assert first == "locked", first + holder.stdout.read() if holder.poll() is not None else first
         line = refused(run_train({**TINY, "output_dir": out}, env), str(out), f"process {holder.pid}")
         assert "in use" in line
     finally:
@@ -352,6 +356,18 @@ def test_killed_while_re_saving_a_step_restores_the_earlier_save(tmp_path, env):
     assert "resuming from step_00000009, step 9" in result.stdout
     final = read_train_state(list_checkpoints(out)[-1])
     assert (final["global_step"], final["epoch"], final["step_in_epoch"]) == (9, 1, 0)
+
+
+def test_a_signal_before_the_first_step_ends_the_process_at_once(tmp_path, env):
+    """SIGTERM while the data loads (a 60 s scan here): nothing to save, so no waiting for the
+    setup to finish; the exit status asks the scheduler to requeue."""
+    out = tmp_path / "run"
+    started = time.time()
+    result = run_train({**TINY, "output_dir": out}, env, faults="sigterm-in-data:60")
+    assert result.returncode == PREEMPTED_EXIT_CODE, result.stderr[-2000:]
+    assert time.time() - started < 45
+    assert "stopped on SIGTERM before the first step" in result.stderr
+    assert "Traceback" not in result.stderr and list_checkpoints(out) == []
 
 
 @pytest.mark.slow

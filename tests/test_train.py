@@ -268,6 +268,20 @@ def test_pretrained_weights_unreachable_ends_in_one_sentence(tmp_path, env):
     assert "Traceback" not in result.stderr
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert "pretrained_path" in line and "pretrained: false" in line
+    assert "offline and not in the Hugging Face cache" in line
+    assert not (tmp_path / "o").exists(), "refused before the data was read or anything written"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--data_dir", "/no/such/folder"], "data_dir: /no/such/folder does not exist"),
+    (["--pretrained_path", str(ROOT / "README.md")], "is not a readable weights file"),
+])
+def test_data_and_weights_mistakes_answer_before_anything_is_read_or_written(tmp_path, env, args, fragment):
+    result = run_train([*TINY, *args, "--output_dir", str(tmp_path / "o")], env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert fragment in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_model_without_pretrained_weights_is_refused():
