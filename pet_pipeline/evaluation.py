@@ -229,10 +229,12 @@ def log_report_to_trackers(accelerator, out_dir: Path, predictions: Predictions,
                 [image_ids[i], class_names[t], class_names[p], float(c)]
                 for i, t, p, c in zip(predictions.indices, predictions.labels, predictions.predicted,
                                       predictions.probabilities.max(axis=1))])
+            # at the run's final step: without one, W&B moves its step past the final one and
+            # drops the test metrics and timings logged at that step afterwards
             run.log({**images, "eval/predictions": table,
                      "eval/confusion_matrix_plot": wandb.plot.confusion_matrix(
                          y_true=predictions.labels.tolist(), preds=predictions.predicted.tolist(),
-                         class_names=class_names)})
+                         class_names=class_names)}, **({"step": step} if step is not None else {}))
         elif tracker.name == "tensorboard":
             from PIL import Image
 

@@ -123,6 +123,11 @@ def test_end_to_end_learns_writes_every_output_and_logs_wandb_offline(tmp_path, 
     for prefix in ("eval/predictions/", "eval/confusion_matrix_plot", "eval/confusion_matrix/",
                    "eval/prediction_samples/"):
         assert any(k.startswith(prefix) for k in logged), f"{prefix} not logged: {sorted(logged)}"
+    # ... and the final numbers reached the history at the final step, after the report
+    final_step = max(r["step"] for r in records)
+    at_end = set().union(*[h.keys() for h in wandb_run["history"] if h.get("_step") == final_step])
+    for key in ("test_accuracy", "test_macro_f1", "time/total_s", "eval/predictions"):
+        assert any(k == key or k.startswith(key + "/") for k in at_end), f"{key} not at step {final_step}"
 
 
 # --------------------------------------------------------------------------- accumulation
