@@ -270,27 +270,56 @@ def _convert(key: str, value, from_cli: bool, hint):
     raise UserError(f"{key}: {value!r} is not {wanted}" + (" (or null)." if optional else "."))
 
 
-def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
-    """Split `--config FILE --key value --flag=value` into the file and the overrides."""
+def parse_cli(argv: list[str], cls=None) -> tuple[str | None, dict[str, str]]:
+    """Split `-c FILE --key value --flag=value --flag --no-flag` into the file and the
+    overrides. A boolean key alone means true, `--no-key` false; an unknown key is named as
+    such before any missing value."""
+    hints = typing.get_type_hints(cls or Config)
     config_file, overrides = None, {}
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg in ("-c", "--config"):
+            if i + 1 >= len(argv):
+                raise UserError("config: missing value; write --config FILE (or -c FILE).")
+            config_file, i = argv[i + 1], i + 2
+            continue
         if not arg.startswith("--") or arg == "--":
             raise UserError(f"unexpected argument {arg!r}; options look like --key value.")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+        negated = not eq and key.startswith("no_") and _base_type(hints.get(key[3:], str))[0] is bool
+        if negated:
+            key, value = key[3:], "false"
+        elif key == "config":
+            config_file = value
+            i += 1
+            continue
+        elif key not in hints:
+            raise UserError(f"unknown key {key!r}{_did_you_mean(key, hints)}")
+        elif not eq and _base_type(hints[key])[0] is bool:
+            # `--compile` alone is true; `--compile false` still works (and `--compile maybe`
+            # is an error naming the key: positional arguments don't exist here)
+            if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"
+        elif not eq:
+            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and not _is_number(argv[i + 1])):
                 raise UserError(f"{key}: missing value; write --{key} VALUE.")
             value = argv[i + 1]
             i += 1
         i += 1
-        if key == "config":
-            config_file = value
-        else:
-            overrides[key] = value
+        overrides[key] = value
     return config_file, overrides
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def read_yaml(path: str) -> dict:
@@ -321,7 +350,8 @@ def build_config(values: dict, from_cli: dict | None = None, cls=Config):
 
 
 def help_text(cls=Config) -> str:
-    lines = ["Options (--key value; a YAML file with --config FILE, CLI wins):"]
+    lines = ["Options (--key value; booleans also --key / --no-key; a YAML file with -c/--config "
+             "FILE, the command line wins):"]
     for f in dataclasses.fields(cls):
         lines.append(f"  --{f.name:<26} {f.metadata.get('help', '')} [default: {_default(f)}]")
     return "\n".join(lines)
@@ -335,10 +365,10 @@ def _default(f: dataclasses.Field):
 
 def load_config(argv: list[str], cls=Config):
     """The config from the command line: defaults < --config FILE < --key value."""
-    if "-h" in argv or "--help" in argv:
+    if "-h" in argv or "--help" in argv:  # before parsing: --help answers whatever else is wrong
         print(help_text(cls))
         raise SystemExit(0)
-    config_file, overrides = parse_cli(argv)
+    config_file, overrides = parse_cli(argv, cls)
     file_values = read_yaml(config_file) if config_file else {}
     return build_config(file_values, overrides, cls=cls)
 

@@ -72,6 +72,22 @@ def test_cli_values_are_typed():
     assert config.num_workers == 0 and config.max_steps is None and config.val_fraction == 0.0
 
 
+def test_cli_habits_bare_booleans_short_config_and_unknown_keys(tmp_path):
+    config_file = write(tmp_path / "run.yaml", "epochs: 3\ncompile: true\n")
+    config = load_config(["-c", config_file, "--no-compile", "--strict_data", "--pretrained",
+                          "false", "--sync-bn", "--lr", "1e-3"])
+    assert config.epochs == 3 and config.compile is False  # --no-compile beats the file
+    assert config.strict_data is True and config.sync_bn is True  # bare flags are true
+    assert config.pretrained is False and config.lr == 1e-3  # `--flag false` still works
+    assert load_config(["--channels_last", "--epochs", "2"]).channels_last is True
+    with pytest.raises(UserError, match="unknown key 'push_to_hub'"):
+        load_config(["--push_to_hub"])  # not "missing value"
+    with pytest.raises(UserError, match="unknown key 'no_lr'"):
+        load_config(["--no-lr"])  # --no- only for booleans
+    with pytest.raises(UserError, match="epochs: missing value"):
+        load_config(["--epochs", "--lr", "1e-3"])
+
+
 def test_resolved_config_round_trips(tmp_path):
     config = load_config(["--species", "all", "--breeds", "pug,Bengal", "--lr", "2.5e-4",
                           "--image_size", "128", "--ema_decay", "0.999", "--clip_grad_norm", "null",
