@@ -155,7 +155,8 @@ def train(config: Config, argv: list[str]) -> int:
                     record = {"step": state.global_step, "epoch": state.epoch,
                               "train_loss": state.loss_sum / max(1, state.loss_count),
                               "lr": optimizer.param_groups[0]["lr"],
-                              "images_per_s": run_log.images_per_s()}
+                              "images_per_s": run_log.images_per_s(),
+                              "time/elapsed_s": round(run_log.clock.elapsed(), 3)}
                     run_log.log(record)
                     progress.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['lr']:.2e}",
                                          img_s=f"{record['images_per_s']:.0f}")
@@ -169,6 +170,7 @@ def train(config: Config, argv: list[str]) -> int:
             if loaders.val is not None:
                 validate_and_select(config, accelerator, parts, loaders.val, state, run_log,
                                     stop=stop, class_names=class_names, data_config=data_config)
+            run_log.write_summary()  # summary.csv: a row per epoch, beside metrics.jsonl
             if state.step_in_epoch >= len(train_loader):  # the epoch ran to its end
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)

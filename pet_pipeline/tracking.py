@@ -93,6 +93,39 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+SUMMARY_COLUMNS = ("epoch", "step", "train_loss", "val_accuracy", "val_macro_f1", "lr",
+                   "images_per_s", "wall_time_s")
+
+
+def write_summary_csv(records: list[dict], path: str | Path) -> None:
+    """summary.csv, one row per epoch, from metrics.jsonl's records (so a resumed run's file
+    is rebuilt from the same history): the epoch's mean training loss and images/s, its
+    validation accuracy and macro-F1, the lr and the process's wall time at its last step."""
+    import csv
+
+    epochs: dict[int, dict] = {}
+    for r in records:
+        if "epoch" not in r:
+            continue
+        row = epochs.setdefault(r["epoch"], {"epoch": r["epoch"], "losses": [], "speeds": []})
+        row["step"] = r["step"]
+        if "train_loss" in r:
+            row["losses"].append(r["train_loss"])
+            row["speeds"].append(r["images_per_s"])
+            row["lr"], row["wall_time_s"] = r["lr"], r.get("time/elapsed_s")
+        if "val_accuracy" in r:
+            row["val_accuracy"], row["val_macro_f1"] = r["val_accuracy"], r["val_macro_f1"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        for row in epochs.values():
+            losses = [x for x in row.pop("losses") if x is not None]
+            speeds = [x for x in row.pop("speeds") if x is not None]
+            row["train_loss"] = sum(losses) / len(losses) if losses else None
+            row["images_per_s"] = sum(speeds) / len(speeds) if speeds else None
+            writer.writerow(row)
+
+
 class PhaseClock:
     """Where a run's wall time went: named phases timed with `phase`, the rest is training.
 
@@ -170,6 +203,10 @@ class RunLog:
         rate = self._images / max(1e-9, now - self._since - self._paused)
         self._images, self._since, self._paused = 0, now, 0.0
         return rate
+
+    def write_summary(self) -> None:
+        if self.is_main:
+            write_summary_csv(read_metrics(self.metrics.path), self.metrics.path.parent / "summary.csv")
 
     def log_timing(self, step: int) -> None:
         """Where this process's wall time went, from the start of train() (imports not

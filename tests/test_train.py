@@ -81,6 +81,16 @@ def test_end_to_end_learns_writes_every_output_and_logs_wandb_offline(tmp_path, 
     val = [r["val_accuracy"] for r in records if "val_accuracy" in r]
     assert len(val) == 5 and max(val) >= 0.5, f"validation accuracy too low: {val} (chance 0.083)"
 
+    # summary.csv: one row per epoch, as timm writes it
+    import csv
+
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert [float(r["val_accuracy"]) for r in rows] == pytest.approx(val)
+    assert all(float(r["train_loss"]) > 0 and float(r["images_per_s"]) > 0 and float(r["wall_time_s"]) > 0
+               for r in rows)
+    assert float(rows[-1]["wall_time_s"]) > float(rows[0]["wall_time_s"])
     for name in ["config.yaml", "metrics.jsonl", "model/model.safetensors", "model/config.json",
                  "eval/metrics.json", "eval/confusion_matrix.csv", "eval/predictions.csv",
                  "eval/classification_report.txt"]:
