@@ -6,7 +6,7 @@ The same script at every scale:
     python train.py --config configs/quickstart.yaml
     # one GPU:
     python train.py --config configs/gpu.yaml
-    # all GPUs of one node (bf16, one process per GPU):
+    # 8 GPUs of one node (bf16, one process per GPU; --num_processes N for another count):
     accelerate launch --config_file accelerate_config.yaml train.py --config configs/gpu.yaml
     # two CPU processes over gloo (what the tests do):
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 train.py --config configs/quickstart.yaml

@@ -75,7 +75,7 @@ class Config:
         "for 224 (null = off)."
     )
     num_workers: int | None = _field(
-        None, "DataLoader worker processes per GPU (default: CPU cores per process, at most 8)."
+        None, "DataLoader worker processes per GPU (default: CPU cores per process minus one, at most 16)."
     )
     # ---- model ----
     model: str = _field("coatnet_0_rw_224", "Any timm model name.")
