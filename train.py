@@ -89,7 +89,7 @@ def train(config: Config, argv: list[str]) -> int:
     split_id = split_fingerprint(pets)  # a resumed run must train and select on the same images
 
     # ------------------------------------------------------------------ model, optimizer, schedule
-    parts = build_training(config, accelerator, loaders, data_config,
+    parts = build_training(config, accelerator, loaders, data_config, resuming=bool(plan.checkpoint),
                            train_labels=pets.train["label"][:], num_classes=len(class_names))
     model, optimizer, scheduler, ema = parts.model, parts.optimizer, parts.scheduler, parts.ema
     train_loader = loaders.train
@@ -179,10 +179,8 @@ def train(config: Config, argv: list[str]) -> int:
     except (FloatingPointError, RuntimeError) as error:  # a loss that blew up, a frozen rank
         raise explain_failure(error, config, accelerator, checkpointer) from None
     except StopRequested as request:
-        run_log.print(f"stopping on {request} at step {state.global_step}")
-        save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
-        run_log.print(f"rerun the same command to resume (exit status {PREEMPTED_EXIT_CODE})")
-        exit_code = PREEMPTED_EXIT_CODE
+        exit_code = save_on_stop(request, config, accelerator, checkpointer, state, running_loss,
+                                 scheduler, run_log)
     finally:
         progress.close()  # before any message of an error that ends the run
     run_log.log_timing(state.global_step)
@@ -202,6 +200,7 @@ def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
     import torch
 
     from pet_pipeline.breeds import kept_breeds
+    from pet_pipeline.checkpoint import list_checkpoints
     from pet_pipeline.data import find_pet_root
     from pet_pipeline.model import check_weights_available
     from pet_pipeline.tracking import choose_wandb_mode, trackers_for
@@ -213,8 +212,11 @@ def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
     class_names = kept_breeds(config.species, config.breeds)
     if config.data_dir is not None:
         find_pet_root(config.data_dir)  # the official layout is there
-    check_weights_available(config.model, pretrained=config.pretrained,
-                            pretrained_path=config.pretrained_path)
+    resuming = config.resume not in ("none", "overwrite") and (
+        config.resume != "auto" or list_checkpoints(config.output_dir))
+    if not resuming:  # a resumed run's weights come from its checkpoint
+        check_weights_available(config.model, pretrained=config.pretrained,
+                                pretrained_path=config.pretrained_path)
     eval_side = decode_size(data_config, None)  # the short side the eval transform resizes to
     if config.pre_resize is not None and config.pre_resize < eval_side:
         raise UserError(f"pre_resize: {config.pre_resize} px is below the {eval_side} px that "
@@ -308,8 +310,8 @@ def build_data(config: Config, accelerator, data_config: dict):
     return pets, loaders
 
 
-def build_training(config: Config, accelerator, loaders, data_config: dict, *, train_labels,
-                   num_classes: int):
+def build_training(config: Config, accelerator, loaders, data_config: dict, *, resuming: bool,
+                   train_labels, num_classes: int):
     """Model, optimizer, schedule, loss, EMA, mixup and the device half of the transform;
     prepares model, optimizer and loaders (in place in `loaders`) with the accelerator."""
     import math
@@ -323,8 +325,9 @@ def build_training(config: Config, accelerator, loaders, data_config: dict, *, t
     from pet_pipeline.optim import balanced_class_weights, build_loss, build_optimizer, build_scheduler
     from pet_pipeline.transforms import DeviceTransform
 
-    model = build_model(config.model, num_classes=num_classes, pretrained=config.pretrained,
-                        pretrained_path=config.pretrained_path,
+    # resuming: the checkpoint replaces every weight, so the pretrained ones need not be at hand
+    model = build_model(config.model, num_classes=num_classes, pretrained=config.pretrained and not resuming,
+                        pretrained_path=None if resuming else config.pretrained_path,
                         drop_path_rate=config.drop_path_rate, image_size=config.image_size)
     if config.sync_bn and accelerator.num_processes > 1:
         from timm.layers import convert_sync_batchnorm  # handles timm's BatchNormAct2d
@@ -474,6 +477,21 @@ def final_report(config: Config, accelerator, parts, loaders, pets, state, run_l
             plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "training_curves.png")
             run_log.print(f"test accuracy {test_metrics['accuracy']:.4f} on {test_metrics['n']} images;"
                           f" report in {out / 'eval'}")
+
+
+def save_on_stop(request, config: Config, accelerator, checkpointer, state, running_loss, scheduler,
+                 run_log) -> int:
+    """Every rank agreed to stop: checkpoint (unless the run is finished: its last checkpoint
+    is final, and the model may hold the best weights for the report) and say how to go on."""
+    run_log.print(f"stopping on {request} at step {state.global_step}")
+    if not state.finished(epochs=config.epochs, max_steps=config.max_steps):
+        try:
+            save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
+        except (FloatingPointError, RuntimeError) as error:
+            raise explain_failure(error, config, accelerator, checkpointer) from None
+    again = "the same command" if config.resume == "auto" else "with resume: auto"
+    run_log.print(f"rerun {again} to resume (exit status {PREEMPTED_EXIT_CODE})")
+    return PREEMPTED_EXIT_CODE
 
 
 def explain_failure(error: Exception, config: Config, accelerator, checkpointer) -> Exception:

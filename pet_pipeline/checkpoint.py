@@ -203,7 +203,10 @@ def normal_permissions(folder: Path) -> None:
     mode = 0o666 & ~umask()
     for path in folder.iterdir():
         if path.is_file():
-            os.chmod(path, mode)
+            try:
+                os.chmod(path, mode)
+            except OSError:  # some FUSE and CIFS mounts refuse chmod: the files stay as written
+                pass
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -298,18 +301,21 @@ class Checkpointer:
                 f"checkpoint {final.name} could not be written to {self.folder}: {reason}; freed the "
                 f"partial copy{f' and kept {previous.name}' if previous else ''}; free some space "
                 "(or fix the folder) and rerun the same command to resume.")
+        commit_error = None
         if accelerator.is_main_process:
             try:
                 _fsync_tree(tmp)
                 self._commit(tmp, final)
                 self._rotate(newest=final)
             except OSError as e:
-                reason = _why(e, self.folder)
+                commit_error = e
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise CheckpointWriteError(
-                    f"checkpoint {final.name} could not be written to {self.folder}: {reason}; "
-                    "freed the partial copy; fix the folder and rerun the same command to resume."
-                ) from None
+        if self._any_rank_failed(commit_error is not None):  # every rank ends, not only the main one
+            where = "freed the partial copy" if not final.exists() else f"{final.name} is in place"
+            raise CheckpointWriteError(
+                f"checkpoint {final.name} could not be committed in {self.folder}: "
+                f"{_why(commit_error, self.folder) if commit_error else 'the main process failed'}; "
+                f"{where}; fix the folder and rerun the same command to resume.")
         accelerator.wait_for_everyone()
         self._last_saved = values
         return final

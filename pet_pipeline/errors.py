@@ -23,6 +23,8 @@ def exit_with(error: UserError) -> None:
     raise SystemExit(USAGE_EXIT_CODE)
 
 
-class StoppedBeforeTraining(Exception):
+class StoppedBeforeTraining(BaseException):
     """A stop signal before the first step (data scan, model download, resume): there is
-    nothing new to save, so the process ends at once instead of after the setup."""
+    nothing new to save, so the process ends at once instead of after the setup. A
+    BaseException, like KeyboardInterrupt, so that no `except Exception` on the way (a
+    checkpoint check, a download retry) takes it for a failure of its own."""

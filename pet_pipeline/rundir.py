@@ -56,7 +56,9 @@ CONFIG_FILE = "config.yaml"
 # Keys that don't change what is trained: a resumed run may change them.
 FREE_KEYS = ("report_to", "wandb_project", "run_name", "log_every", "num_workers", "gradcam_images",
              "eval_batch_size", "checkpoint_steps", "keep_checkpoints", "compile", "channels_last",
-             "mixed_precision", "strict_data", "collective_timeout_s")
+             "mixed_precision", "strict_data", "collective_timeout_s",
+             # the checkpoint holds the weights; the split fingerprint guards the images
+             "pretrained_path", "data_dir")
 # Keys that say where and how to start, not what the run is: never compared.
 START_KEYS = ("resume", "output_dir")
 # Keys that may grow to train for longer (the schedule then follows the new length).
@@ -76,13 +78,21 @@ class StartPlan:
 
 
 def config_changes(before: dict, after: dict) -> tuple[dict, dict]:
-    """(refused, accepted) changes between a run's config and this start's, key -> [old, new]."""
+    """(refused, accepted) changes between a run's config and this start's, key -> [old, new].
+
+    A key the run's config lacks (added to pet-pipeline since) counts as its default."""
+    from pet_pipeline.config import Config
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)
+                if f.default is not dataclasses.MISSING}
     refused, accepted = {}, {}
     for key in sorted(set(before) | set(after)):
-        old, new = before.get(key), after.get(key)
+        old, new = before.get(key, defaults.get(key)), after.get(key)
         if old == new or key not in after or key in START_KEYS:  # key not in after: an old key
             continue
-        if key in FREE_KEYS or (key in EXTENDABLE_KEYS and _extends(old, new)):
+        if key == "mixed_precision" and "fp16" in (old, new):
+            refused[key] = [old, new]  # fp16 adds a loss scaler to the state; bf16 <-> no is fine
+        elif key in FREE_KEYS or (key in EXTENDABLE_KEYS and _extends(old, new)):
             accepted[key] = [old, new]
         else:
             refused[key] = [old, new]
@@ -163,17 +173,29 @@ class RunDirectory:
         plan.messages += recover_leftovers(self.path)
         wanted = to_dict(config)
         used = list_checkpoints(self.path, complete_only=False)
-        if config.resume == "overwrite":
+        resume = config.resume
+        job = os.environ.get("SLURM_JOB_ID")
+        if resume != "auto" and job and any(s.get("slurm_job") == job for s in read_starts(self.path)):
+            # a requeued attempt repeats the job's arguments: overwriting or going back to the
+            # same checkpoint again would undo what the earlier attempt trained
+            plan.messages.append(f"resume: {resume} was for the first attempt of SLURM job {job}; "
+                                 "this attempt continues it (resume: auto)")
+            resume = "auto"
+        if resume == "overwrite":
             if self._holds_a_run():
                 plan.messages.append(f"moved the earlier run to {self._move_aside()} (resume: overwrite)")
-        elif config.resume == "none":
+        elif resume == "none":
             if used:
                 raise UserError(
                     f"output_dir: {self.path} holds a run (checkpoints up to {used[-1].name}); continue it "
                     "with resume: auto, replace it with resume: overwrite (the old run is moved to a "
                     "sibling folder, not deleted), or give another output_dir.")
         else:
-            checkpoint = self._checkpoint_to_resume(config.resume, used, plan)
+            if not used and self._has_results():  # checkpoints deleted, results kept
+                raise UserError(
+                    f"output_dir: {self.path} holds a run's results (model/, eval/) but no checkpoints; "
+                    "use another output_dir, or resume: overwrite to move that run aside and start over.")
+            checkpoint = self._checkpoint_to_resume(resume, used, plan)
             if checkpoint is not None:
                 state = TrainState().load_state_dict(read_train_state(checkpoint))
                 before = state.config or self._config_yaml() or {}
@@ -192,14 +214,16 @@ class RunDirectory:
                     plan.messages.append(f"config: accepted changes that keep what was trained: "
                                          f"{_describe(accepted)}")
                 if finished:
-                    plan.messages.append(
-                        f"output_dir: {self.path} holds a finished run (step {state.global_step}); "
-                        "re-evaluating it. To train longer, raise epochs or max_steps.")
+                    longer = ("it stopped early (early stopping)" if state.early_stopped
+                              else "to train longer, raise epochs or max_steps")
+                    plan.messages.append(f"output_dir: {self.path} holds a finished run (step "
+                                         f"{state.global_step}); re-evaluating it ({longer}).")
         if plan.action == "new":
-            if config.resume == "auto" and (self.path / CONFIG_FILE).is_file():
+            if resume == "auto" and (self.path / CONFIG_FILE).is_file():
                 plan.messages.append(f"output_dir: {self.path} holds no checkpoint of the earlier start "
                                      "(it ended before its first one); starting a new run")
-            save_config(config, self.path / CONFIG_FILE)
+        if plan.action == "new" or not (self.path / CONFIG_FILE).is_file():
+            save_config(config, self.path / CONFIG_FILE)  # the run's config, once
         self._record_start(plan, num_processes=num_processes, argv=argv)
         return plan
 
@@ -237,12 +261,16 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ helpers
 
+    def _has_results(self) -> bool:
+        return (self.path / "model").is_dir() or (self.path / "eval").is_dir()
+
     def _holds_a_run(self) -> bool:
         return any(p.name != LOCK_FILE for p in self.path.iterdir())
 
     def _move_aside(self) -> Path:
         """Move everything but the lock to a sibling folder named after now; returns it."""
-        target = self.path.with_name(f"{self.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        here = self.path.resolve()
+        target = here.with_name(f"{here.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         n = 1
         while target.exists():
             target, n = target.with_name(f"{target.name.split('~')[0]}~{n}"), n + 1

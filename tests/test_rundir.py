@@ -137,6 +137,26 @@ def test_a_config_that_changes_what_is_trained_is_refused_naming_the_keys(run_co
     assert (run_copy / "config.yaml").read_bytes() == before
 
 
+def test_a_requeued_slurm_attempt_continues_instead_of_repeating_overwrite(run_copy, monkeypatch):
+    """sbatch ... --resume overwrite: the requeued attempt gets the same arguments."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    first = begin(run_copy, resume="overwrite")  # the job's first attempt moves the old run aside
+    assert first.action == "new"
+    (run_copy / "checkpoints" / "step_00000001").mkdir(parents=True)  # what it trained
+    shutil.copytree(next(run_copy.parent.glob("run.replaced-*")) / "checkpoints" / "step_00000004",
+                    run_copy / "checkpoints" / "step_00000001", dirs_exist_ok=True)
+    again = begin(run_copy, resume="overwrite")  # the requeued attempt
+    assert again.action == "re-evaluate" and Path(again.checkpoint).name == "step_00000001"
+    assert any("this attempt continues it (resume: auto)" in m for m in again.messages)
+    assert len(list(run_copy.parent.glob("run.replaced-*"))) == 1
+
+
+def test_results_without_checkpoints_are_not_overwritten(run_copy):
+    shutil.rmtree(run_copy / "checkpoints")  # deleted to save space; model/ and eval/ kept
+    with pytest.raises(UserError, match="no checkpoints.*resume: overwrite"):
+        begin(run_copy)
+
+
 def test_the_process_count_is_part_of_what_is_trained(run_copy):
     with pytest.raises(UserError, match="processes 1 -> 2"):
         RunDirectory(run_copy).begin(config(run_copy), num_processes=2, argv=[])
@@ -148,6 +168,12 @@ def test_config_changes_sorts_keys_into_refused_and_accepted():
         {"lr": 1e-3, "epochs": 3, "max_steps": 100, "log_every": 5, "model": "b"})
     assert accepted == {"epochs": [2, 3], "log_every": [10, 5]}
     assert refused_keys == {"max_steps": [None, 100], "model": ["a", "b"]}  # a limit is not an extension
+    # a key added to pet-pipeline after the run was saved counts as its default
+    assert config_changes({"lr": 1e-3}, {"lr": 1e-3, "sync_bn": False}) == ({}, {})
+    assert config_changes({"lr": 1e-3}, {"lr": 1e-3, "sync_bn": True})[0] == {"sync_bn": [False, True]}
+    # fp16 brings a loss scaler into the checkpoint: switching to or from it is refused
+    assert config_changes({"mixed_precision": "no"}, {"mixed_precision": "bf16"})[0] == {}
+    assert "mixed_precision" in config_changes({"mixed_precision": "bf16"}, {"mixed_precision": "fp16"})[0]
 
 
 def test_resume_none_in_a_used_folder_is_refused_and_overwrite_moves_the_old_run_aside(run_copy):
@@ -243,6 +269,29 @@ def test_checkpoints_of_the_previous_version_still_resume(run_copy):
     assert state.early_stopped and state.finished(epochs=10, max_steps=None)
 
 
+def test_a_torn_line_in_metrics_jsonl_does_not_stop_a_resume(tmp_path):
+    from pet_pipeline.tracking import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_loss": 1.5}\n{"step": 3, "tra')
+    MetricsLog(path, enabled=True, resume_step=2)
+    assert read_metrics(path) == [{"step": 1, "train_loss": 2.0}, {"step": 2, "train_loss": 1.5}]
+
+
+def test_a_stop_signal_is_not_an_exception_that_checks_could_swallow():
+    """`except Exception` in a checkpoint check or a download retry must not take a SIGTERM
+    before the first step for its own failure (it would skip a good checkpoint)."""
+    from pet_pipeline.errors import StoppedBeforeTraining
+
+    try:
+        try:
+            raise StoppedBeforeTraining("SIGTERM")
+        except Exception:  # what verify_checkpoint and the data loaders do
+            pytest.fail("swallowed as an ordinary error")
+    except StoppedBeforeTraining:
+        pass
+
+
 # --------------------------------------------------------------------------- the lock
 
 
@@ -300,6 +349,20 @@ def test_a_corrupt_newest_checkpoint_end_to_end(run_copy, env):
                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600))
     assert (run_copy / "eval_test_step_00000005" / "metrics.json").is_file()
     assert [p.name for p in (run_copy / "checkpoints").iterdir() if not p.name.startswith("step_")] == []
+
+
+@pytest.mark.slow
+def test_a_stop_while_re_evaluating_leaves_the_final_checkpoint_alone(run_copy, env):
+    """A finished run re-evaluated with another eval_batch_size (a free key) gets SIGTERM at
+    its first evaluation batch: the final checkpoint must not be re-saved (the model holds
+    the best weights for the report by then, not the last ones)."""
+    final = run_copy / "checkpoints" / "step_00000004"
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    result = run_train({**TINY, "max_steps": 4, "checkpoint_steps": 1, "keep_checkpoints": 5,
+                        "eval_batch_size": 4, "output_dir": run_copy}, env, faults="sigterm-at-step:1")
+    assert result.returncode == PREEMPTED_EXIT_CODE, result.stderr[-2000:]
+    assert "re-evaluating from step_00000004" in result.stdout
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
 
 
 @pytest.mark.slow
