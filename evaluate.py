@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pet_pipeline.config import RUN_DATA_KEYS, Config, EvalConfig, load_config, read_yaml
+from pet_pipeline.config import RUN_DATA_KEYS, Config, EvalConfig, check_model_dir, load_config, read_yaml
 from pet_pipeline.errors import UserError, exit_with
 
 # torch, timm and the rest are imported in the functions that use them, so that `--help`
@@ -46,16 +46,6 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate(config)
     except UserError as error:
         exit_with(error)
-
-
-def check_model_dir(model_dir: Path) -> None:
-    """The folder is a model/ folder (config.json) or a checkpoint (train_state.json)."""
-    if not model_dir.is_dir():
-        raise UserError(f"model_dir: {model_dir} is not a folder; give a run's model/ folder or one "
-                        "of its checkpoints/step_N folders.")
-    if not ((model_dir / "config.json").is_file() or (model_dir / "train_state.json").is_file()):
-        raise UserError(f"model_dir: {model_dir} has neither config.json nor train_state.json; give a "
-                        "run's model/ folder or one of its checkpoints/step_N folders.")
 
 
 def evaluate(config: EvalConfig) -> int:

@@ -170,7 +170,7 @@ def verify_checkpoint(checkpoint: Path) -> str | None:
                 rng = accelerate_load(str(path), map_location="cpu")
                 if not {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(rng):
                     return f"{path.name} holds no RNG states"
-            elif path.suffix in (".bin", ".pkl"):
+            elif path.suffix in (".bin", ".pkl", ".pt"):  # .pt: fp16's loss scaler
                 torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # truncated, garbage, unreadable: each library has its own error
             return f"{path.name} can't be read ({type(e).__name__}: {str(e).splitlines()[0][:80]})"

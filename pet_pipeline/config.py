@@ -391,6 +391,18 @@ RUN_DATA_KEYS = ("dataset", "data_dir", "val_fraction", "seed", "strict_data",
                  "synthetic_images_per_class", "synthetic_image_size")
 
 
+def check_model_dir(model_dir: str | Path) -> None:
+    """A model folder is a run's model/ (config.json) or a checkpoint (train_state.json).
+    Torch-free, so that evaluate.py answers a wrong path at once."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model_dir: {model_dir} is not a folder; give a run's model/ folder or one "
+                        "of its checkpoints/step_N folders.")
+    if not ((model_dir / "config.json").is_file() or (model_dir / "train_state.json").is_file()):
+        raise UserError(f"model_dir: {model_dir} has neither config.json nor train_state.json; give a "
+                        "run's model/ folder or one of its checkpoints/step_N folders.")
+
+
 @dataclass
 class EvalConfig:
     model_dir: str | None = _field(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from contextlib import contextmanager
 
 import datasets
@@ -105,6 +106,15 @@ def default_num_workers(processes_per_node: int = 1) -> int:
     return max(0, min(16, (cores or 1) // max(1, processes_per_node) - 1))
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave stop signals to the main process, which checkpoints and then
+    ends them. SLURM's scancel and `pkill -f train.py` signal every process: a worker that
+    died of it made the next batch raise 'DataLoader worker ... killed by signal' (a
+    traceback, exit 1, no checkpoint, no requeue) instead of the stop at the next step."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def build_dataloader(dataset: PetTorchDataset, *, batch_size: int, train: bool, seed: int,
                      num_workers: int, pin_memory: bool = False, drop_last: bool = False):
     sampler = EpochSeededSampler(len(dataset), seed, shuffle=True) if train else None
@@ -121,4 +131,5 @@ def build_dataloader(dataset: PetTorchDataset, *, batch_size: int, train: bool, 
         generator=torch.Generator().manual_seed(seed),
         # Workers stay alive across epochs: re-forking them costs seconds per epoch on GPU.
         persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_stop_signals,
     )

@@ -13,12 +13,12 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from pet_pipeline.checkpoint import EMA_FILE, STATE_FILE, umask
+from pet_pipeline.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE, umask
+from pet_pipeline.config import check_model_dir
 from pet_pipeline.errors import UserError
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
-CHECKPOINT_WEIGHTS = "model.safetensors"  # the model's file in Accelerate's save_state
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -204,7 +204,7 @@ def _describe_checkpoint(checkpoint: Path) -> dict:
                    "pretrained_cfg": state["data_config"]}
     check_description(description, state_path)
     return {**description, "num_classes": len(class_names),
-            "weights": ema if ema.is_file() else checkpoint / CHECKPOINT_WEIGHTS,
+            "weights": ema if ema.is_file() else checkpoint / MODEL_FILE,
             "run_dir": checkpoint.parent.parent}
 
 
@@ -217,16 +217,9 @@ def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     data config), `weights` (the file loaded) and `run_dir` (the run's output_dir).
     """
     path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"model_dir: {path} is not a folder; give a run's model/ folder or one "
-                        "of its checkpoints/step_N folders.")
-    if (path / STATE_FILE).is_file():
-        description = _describe_checkpoint(path)
-    elif (path / EXPORT_CONFIG).is_file():
-        description = _describe_export(path)
-    else:
-        raise UserError(f"model_dir: {path} has neither {EXPORT_CONFIG} nor {STATE_FILE}; give a "
-                        "run's model/ folder or one of its checkpoints/step_N folders.")
+    check_model_dir(path)
+    description = (_describe_checkpoint(path) if (path / STATE_FILE).is_file()
+                   else _describe_export(path))
     weights, name = description["weights"], description["architecture"]
     num_classes = len(description["label_names"])
     if not weights.is_file():

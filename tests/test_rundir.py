@@ -421,6 +421,28 @@ def test_killed_while_re_saving_a_step_restores_the_earlier_save(tmp_path, env):
     assert (final["global_step"], final["epoch"], final["step_in_epoch"]) == (9, 1, 0)
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_stops_with_a_checkpoint(tmp_path, env):
+    """scancel and `pkill -f train.py` signal the loader workers too: the run must still
+    stop at the next step with a checkpoint and exit 75, not die of a killed worker."""
+    import signal
+
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                                *cli({**TINY, "num_workers": 1, "epochs": 3, "output_dir": out})],
+                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").exists() and read_metrics(out / "metrics.jsonl")):
+        assert process.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)  # every process of the group, workers included
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
+    assert "stopping on SIGTERM" in output and "Traceback" not in output
+    assert list_checkpoints(out)
+
+
 def test_a_signal_before_the_first_step_ends_the_process_at_once(tmp_path, env):
     """SIGTERM while the data loads (a 60 s scan here): nothing to save, so no waiting for the
     setup to finish; the exit status asks the scheduler to requeue."""
