@@ -8,6 +8,8 @@ after resuming in the middle of an epoch.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import random
 import signal
@@ -115,9 +117,35 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+def _kill_loader_workers() -> None:
+    """At exit, end the workers with SIGKILL, the one signal they can't ignore.
+
+    A loader that lives until the interpreter exits is not shut down by torch (it does
+    nothing once Python is exiting); multiprocessing's own exit hook then sends SIGTERM to
+    each daemonic child and waits for it, which would wait forever on a worker that ignores
+    SIGTERM. atexit runs hooks last-registered first, so this runs before that one. The
+    workers hold nothing to save: they only read images."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
+_kill_at_exit_registered = False
+
+
+def _register_worker_cleanup() -> None:
+    global _kill_at_exit_registered
+    if not _kill_at_exit_registered:
+        atexit.register(_kill_loader_workers)
+        _kill_at_exit_registered = True
+
+
 def build_dataloader(dataset: PetTorchDataset, *, batch_size: int, train: bool, seed: int,
                      num_workers: int, pin_memory: bool = False, drop_last: bool = False):
     sampler = EpochSeededSampler(len(dataset), seed, shuffle=True) if train else None
+    if num_workers > 0:
+        _register_worker_cleanup()
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -747,3 +747,26 @@ def test_pre_resize_keeps_schema_shrinks_images_and_is_reused(tmp_path, monkeypa
     assert cached[0].stat().st_mtime_ns == mtime and len(again) == len(resized)
     dataset = PetTorchDataset(again, build_eval_transform(model_data_config("coatnet_nano_rw_224", 32)))
     assert dataset[0]["pixel_values"].shape == (3, 32, 32)
+
+
+def test_a_process_with_loader_workers_still_alive_exits(tmp_path):
+    """Loader workers ignore SIGTERM (the main process handles stops); a loader still alive
+    when Python exits must not make the exit wait on them forever."""
+    script = tmp_path / "alive_at_exit.py"
+    script.write_text(
+        "import torch\n"
+        "from pet_pipeline.loader import build_dataloader\n"
+        "loader = build_dataloader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=2,\n"
+        "                          train=False, seed=0, num_workers=2)\n"
+        "batches = iter(loader)\n"
+        "next(batches)\n"
+        "print('one batch read', flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                                env=env, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process hung at exit, waiting for loader workers that ignore SIGTERM")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "one batch read" in result.stdout
