@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from pet_pipeline.config import Config, load_config
 from pet_pipeline.errors import PREEMPTED_EXIT_CODE, StoppedBeforeTraining, UserError, exit_with
@@ -36,7 +37,6 @@ def train(config: Config, argv: list[str]) -> int:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
-    from tqdm.auto import tqdm
 
     from pet_pipeline.checkpoint import Checkpointer, TrainState, check_same_split, load_checkpoint
     from pet_pipeline.config import to_dict
@@ -61,6 +61,13 @@ def train(config: Config, argv: list[str]) -> int:
     stop = StopFlag()  # SIGTERM / SIGUSR1 -> checkpoint and exit at the next step
 
     # ------------------------------------------------------------------ accelerator and the start
+    # DDP warns "Grad strides do not match bucket view strides" at the first backward of every
+    # multi-process run, from each rank. The grads it names (1x1 and depthwise conv weights,
+    # e.g. [512, 2048, 1, 1] with strides [2048, 1, 2048, 2048] against the bucket's
+    # [2048, 1, 1, 1]) differ from the parameter only in the strides of size-1 dimensions: the
+    # same memory layout, so no copy is lost to it (the reducer copies every grad into its
+    # bucket in any case). Neither a contiguous input nor gradient_as_bucket_view removes it.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     accelerator = Accelerator(
         # a frozen rank ends the job after this long in a collective (gloo raises, NCCL aborts)
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s))],
@@ -113,11 +120,10 @@ def train(config: Config, argv: list[str]) -> int:
 
     # ------------------------------------------------------------------ the epoch loop
     running_loss = RunningLoss(accelerator.device)
-    progress = tqdm(total=parts.total_steps, initial=state.global_step, unit="step",
-                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+    progress = run_log.start_progress(parts.total_steps, state.global_step)
     run_log.clock.seconds["setup"] = run_log.clock.elapsed()  # everything before step 1
     exit_code = 0
-    stop.arm()  # before this line a signal ended the process at once (nothing to save)
+    stop.arm(every=config.log_every)  # before this, a signal ended the process at once (nothing to save)
     try:
         while not state.finished(epochs=config.epochs, max_steps=config.max_steps):
             train_loader.set_epoch(state.epoch)
@@ -149,7 +155,7 @@ def train(config: Config, argv: list[str]) -> int:
                 scheduler.step_update(state.global_step)
                 if ema is not None:
                     ema.update(parts.raw_model, step=state.global_step)
-                progress.update(1)
+                progress.update()
                 if state.global_step % config.log_every == 0:
                     running_loss.move_into(state, accelerator)  # a host-device sync point
                     record = {"step": state.global_step, "epoch": state.epoch,
@@ -158,14 +164,13 @@ def train(config: Config, argv: list[str]) -> int:
                               "images_per_s": run_log.images_per_s(),
                               "time/elapsed_s": round(run_log.clock.elapsed(), 3)}
                     run_log.log(record)
-                    progress.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                         img_s=f"{record['images_per_s']:.0f}")
+                    progress.show(record)
                     state.loss_sum, state.loss_count = 0.0, 0
                 if config.max_steps is not None and state.global_step >= config.max_steps:
                     break
                 if config.checkpoint_steps and state.global_step % config.checkpoint_steps == 0:
                     save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
-                stop.check(accelerator)  # raises StopRequested on every rank
+                stop.check(accelerator, state.global_step)  # StopRequested, on every rank
             running_loss.move_into(state, accelerator)  # a non-finite loss stops here, not in model/
             if loaders.val is not None:
                 validate_and_select(config, accelerator, parts, loaders.val, state, run_log,
@@ -420,7 +425,7 @@ def validate_and_select(config: Config, accelerator, parts, val_loader, state, r
 
     with run_log.phase("validation"):
         predictions = predict(parts.eval_model, val_loader, accelerator,
-                              should_stop=lambda: stop.agreed(accelerator))
+                              should_stop=lambda batch: stop.poll(accelerator, batch))
     if predictions is None:
         raise StopRequested(stop.signal_name or "a signal")
     metrics = compute_metrics(predictions, class_names)
@@ -468,7 +473,7 @@ def final_report(config: Config, accelerator, parts, loaders, pets, state, run_l
         test_metrics = evaluate_and_report(
             parts.eval_model, loaders.test, accelerator, dataset=pets.test, class_names=class_names,
             data_config=data_config, out_dir=out / "eval", step=state.global_step,
-            gradcam_images=config.gradcam_images, should_stop=lambda: stop.agreed(accelerator))
+            gradcam_images=config.gradcam_images, should_stop=lambda batch: stop.poll(accelerator, batch))
         if test_metrics is STOPPED:  # the last checkpoint is complete: a rerun only re-evaluates
             raise StopRequested(stop.signal_name or "a signal")
         if accelerator.is_main_process:

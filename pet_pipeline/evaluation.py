@@ -35,13 +35,14 @@ class Predictions:
 def predict(model, loader, accelerator, *, should_stop=None) -> Predictions | None:
     """Predictions for every sample of `loader`, identical on every rank.
 
-    `should_stop()` is asked after every batch (all ranks together); when it says yes the
-    evaluation is abandoned and None is returned, so a preemption signal is not missed.
+    `should_stop(batch_number)` is asked after every batch (all ranks together, numbers from
+    1); when it says yes the evaluation is abandoned and None is returned, so a preemption
+    signal is not missed.
     """
     was_training = model.training
     model.eval()
     probabilities, labels, indices = [], [], []
-    for batch in loader:
+    for number, batch in enumerate(loader, start=1):
         with accelerator.autocast():
             logits = model(batch["pixel_values"])
         gathered = accelerator.gather_for_metrics(
@@ -49,7 +50,7 @@ def predict(model, loader, accelerator, *, should_stop=None) -> Predictions | No
         )
         for store, value in zip((probabilities, labels, indices), gathered):
             store.append(value.cpu())
-        if should_stop is not None and should_stop():
+        if should_stop is not None and should_stop(number):
             model.train(was_training)
             return None
     model.train(was_training)
@@ -209,14 +210,42 @@ def evaluate_and_report(model, loader, accelerator, *, dataset, class_names: lis
                              [class_names[i] for i in predictions.predicted[wrong]],
                              predictions.probabilities[wrong].max(axis=1),
                              out_dir / "misclassified_gradcam.png")
-    log_report_to_trackers(accelerator, out_dir, predictions, metrics, class_names, image_ids, step)
+    thumbnails = ({} if not any(t.name == "wandb" for t in accelerator.trackers)
+                  else thumbnails_of_mistakes(dataset, predictions, data_config))
+    log_report_to_trackers(accelerator, out_dir, predictions, metrics, class_names, image_ids, step,
+                           thumbnails=thumbnails)
     return metrics
 
 
+MAX_THUMBNAILS = 500
+
+
+def thumbnails_of_mistakes(dataset, predictions: Predictions, data_config: dict, *,
+                           size: int = 96, limit: int = MAX_THUMBNAILS) -> dict[int, np.ndarray]:
+    """Small uint8 HWC pictures of what the model saw, for the first `limit` misclassified
+    images, keyed by their position in `predictions`: the W&B table's image column."""
+    from PIL import Image
+
+    from pet_pipeline.gradcam import denormalize
+
+    wrong = np.flatnonzero(predictions.predicted != predictions.labels)[:limit]
+    thumbnails = {}
+    for start in range(0, len(wrong), 64):  # a few MB of model inputs at a time
+        chunk = wrong[start:start + 64]
+        pixels = _model_inputs(dataset, predictions.indices[chunk], data_config)
+        for position, image in zip(chunk, denormalize(pixels, data_config["mean"], data_config["std"])):
+            picture = Image.fromarray((image * 255).round().astype(np.uint8))
+            picture.thumbnail((size, size))
+            thumbnails[int(position)] = np.asarray(picture)
+    return thumbnails
+
+
 def log_report_to_trackers(accelerator, out_dir: Path, predictions: Predictions, metrics: dict,
-                           class_names: list[str], image_ids: list[str], step: int | None) -> None:
-    """Final metrics as the run summary, the PNGs as images, predictions as a W&B table and
-    the confusion matrix as a W&B confusion-matrix plot."""
+                           class_names: list[str], image_ids: list[str], step: int | None,
+                           thumbnails: dict[int, np.ndarray] | None = None) -> None:
+    """Final metrics as the run summary, the PNGs as images, predictions as a W&B table (with
+    a thumbnail on the rows of `thumbnails`, the misclassified) and the confusion matrix as a
+    W&B confusion-matrix plot."""
     scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
@@ -225,10 +254,13 @@ def log_report_to_trackers(accelerator, out_dir: Path, predictions: Predictions,
             run = tracker.run
             run.summary.update(scalars)
             images = {f"eval/{p.stem}": wandb.Image(str(p)) for p in sorted(out_dir.glob("*.png"))}
-            table = wandb.Table(columns=["image_id", "true", "predicted", "confidence"], data=[
-                [image_ids[i], class_names[t], class_names[p], float(c)]
-                for i, t, p, c in zip(predictions.indices, predictions.labels, predictions.predicted,
-                                      predictions.probabilities.max(axis=1))])
+            thumbnails = thumbnails or {}
+            table = wandb.Table(columns=["image_id", "true", "predicted", "confidence", "image"], data=[
+                [image_ids[i], class_names[t], class_names[p], float(c),
+                 wandb.Image(thumbnails[row]) if row in thumbnails else None]
+                for row, (i, t, p, c) in enumerate(zip(predictions.indices, predictions.labels,
+                                                       predictions.predicted,
+                                                       predictions.probabilities.max(axis=1)))])
             # at the run's final step: without one, W&B moves its step past the final one and
             # drops the test metrics and timings logged at that step afterwards
             run.log({**images, "eval/predictions": table,

@@ -10,6 +10,7 @@ import json
 import math
 import netrc
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,11 +165,81 @@ class PhaseClock:
         return {f"time/{name.replace(' ', '_')}_s": round(seconds, 3) for name, seconds in phases.items()}
 
 
+class Progress:
+    """Training progress on the main process's console.
+
+    In a terminal: tqdm's bar, with the loss, lr and images/s of the last log interval.
+    Redirected to a file (every SLURM job, nohup, CI), a bar is a carriage-return redraw per
+    step that buries everything else; there, one plain line per log interval instead, flushed
+    at once:
+
+        step 40/300 (13%) | epoch 1 | loss 0.6931 | lr 2.00e-04 | 58 img/s | ETA 4m21s
+    """
+
+    def __init__(self, total: int, initial: int, *, enabled: bool, interactive: bool | None = None):
+        self.enabled, self.total, self.step = enabled, total, initial
+        self.interactive = sys.stdout.isatty() if interactive is None else interactive
+        self._first_step, self._start = initial, time.perf_counter()
+        self.bar = None
+        if enabled and self.interactive:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self) -> None:
+        """One optimizer step done."""
+        self.step += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def show(self, record: dict) -> None:
+        """The numbers of a log interval: into the bar, or as a line of their own."""
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['images_per_s']:.0f}")
+        elif self.enabled:
+            print(self.line(record), flush=True)
+
+    def line(self, record: dict) -> str:
+        percent = 100 * self.step / max(1, self.total)
+        return (f"step {self.step}/{self.total} ({percent:.0f}%) | epoch {record['epoch']} | "
+                f"loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
+                f"{record['images_per_s']:.0f} img/s | ETA {_duration(self.eta_s())}")
+
+    def eta_s(self) -> float | None:
+        """Wall time left at the pace of this process so far (validation included)."""
+        done = self.step - self._first_step
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self._start) / done * max(0, self.total - self.step)
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)  # above the bar, which is redrawn below it
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
 class RunLog:
     """Everything a run reports, in one place: the console (once per job), metrics.jsonl,
     the trackers, the training throughput and where the wall time went.
 
-        run_log.print("...")                     # main process only; keeps tqdm's bar intact
+        run_log.print("...")                     # main process only; keeps the progress bar intact
+        progress = run_log.start_progress(total_steps, initial_step)  # a bar, or plain lines
         run_log.log({"step": 3, "train_loss": 0.7})
         with run_log.phase("validation"):        # timed, and left out of images/s
             ...
@@ -182,12 +253,19 @@ class RunLog:
         self.metrics = MetricsLog(metrics_path, enabled=self.is_main, resume_step=resume_step)
         self.clock = clock or PhaseClock()
         self._images, self._since, self._paused = 0, time.perf_counter(), 0.0
+        self.progress: Progress | None = None
+
+    def start_progress(self, total: int, initial: int) -> Progress:
+        self.progress = Progress(total, initial, enabled=self.is_main)
+        return self.progress
 
     def print(self, message: str) -> None:
-        if self.is_main:
-            from tqdm.auto import tqdm
-
-            tqdm.write(message)
+        if not self.is_main:
+            return
+        if self.progress is not None:
+            self.progress.write(message)
+        else:
+            print(message, flush=True)
 
     def log(self, record: dict) -> None:
         """One record for metrics.jsonl and the trackers; `record["step"]` is the step."""

@@ -10,6 +10,9 @@ Faults:
     enospc-at-save:N   the N-th checkpoint save writes part of a file, then fails with
                        OSError(ENOSPC), as on a full disk
     sigterm-in-data:S  a real SIGTERM as the data starts loading, which then takes S seconds
+    count-collectives  not a fault: count torch.distributed's collectives issued from Python
+                       between consecutive optimizer steps (the loop's stop checks) and write
+                       {"steps": [...], "per_step": [...]} to $COLLECTIVES_DIR/rank-R.json at exit
 
 The hooks patch os/pathlib and torch from outside; train.py runs unchanged via runpy.
 """
@@ -27,7 +30,7 @@ import sys
 def install(faults: list[str]) -> None:
     for fault in faults:
         name, _, count = fault.partition(":")
-        n = int(count)
+        n = int(count or 0)
         if name == "kill-at-commit":
             _kill_at_commit(n)
         elif name == "sigterm-at-step":
@@ -36,6 +39,8 @@ def install(faults: list[str]) -> None:
             _enospc_at_save(n)
         elif name == "sigterm-in-data":
             _sigterm_in_data(n)
+        elif name == "count-collectives":
+            _count_collectives()
         else:
             raise SystemExit(f"unknown fault {fault!r}")
 
@@ -56,15 +61,15 @@ def _kill_at_commit(n: int) -> None:
 def _sigterm_at_step(k: int) -> None:
     from pet_pipeline.preemption import StopFlag
 
-    original, seen = StopFlag.agreed, [0]
+    original, seen = StopFlag.check, [0]
 
-    def agreed(self, accelerator):
+    def check(self, accelerator, step):
         seen[0] += 1
         if seen[0] == k:
             os.kill(os.getpid(), signal.SIGTERM)  # the real handler sets the flag
-        return original(self, accelerator)
+        return original(self, accelerator, step)
 
-    StopFlag.agreed = agreed
+    StopFlag.check = check
 
 
 def _enospc_at_save(n: int) -> None:
@@ -96,6 +101,51 @@ def _sigterm_in_data(seconds: int) -> None:
         return original(**kwargs)
 
     pet_pipeline.data.load_pets = load_pets
+
+
+def _count_collectives() -> None:
+    """DDP's gradient all-reduce runs in C++ and is not counted: every step needs it."""
+    import atexit
+    import json
+
+    import torch.distributed as dist
+
+    from pet_pipeline.preemption import StopFlag
+
+    issued = [0]
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
+                 "broadcast", "broadcast_object_list", "reduce", "gather", "scatter", "barrier"):
+        original = getattr(dist, name)
+
+        def counted(*args, _original=original, **kwargs):
+            issued[0] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    arm, check = StopFlag.arm, StopFlag.check
+    steps, per_step, counted_until = [], [], [0]
+
+    def counting_arm(self, *args, **kwargs):
+        counted_until[0] = issued[0]  # what came before the first step is setup
+        return arm(self, *args, **kwargs)
+
+    def counting_check(self, accelerator, step):
+        try:
+            return check(self, accelerator, step)
+        finally:  # the step's own collectives and its check's
+            steps.append(step)
+            per_step.append(issued[0] - counted_until[0])
+            counted_until[0] = issued[0]
+
+    StopFlag.arm, StopFlag.check = counting_arm, counting_check
+
+    def write():
+        path = os.path.join(os.environ["COLLECTIVES_DIR"], f"rank-{os.environ.get('RANK', '0')}.json")
+        with open(path, "w") as f:
+            json.dump({"steps": steps, "per_step": per_step}, f)
+
+    atexit.register(write)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,19 @@ def test_end_to_end_learns_writes_every_output_and_logs_wandb_offline(tmp_path, 
     at_end = set().union(*[h.keys() for h in wandb_run["history"] if h.get("_step") == final_step])
     for key in ("test_accuracy", "test_macro_f1", "time/total_s", "eval/predictions"):
         assert any(k == key or k.startswith(key + "/") for k in at_end), f"{key} not at step {final_step}"
+    # the predictions table shows the misclassified images as thumbnails, and only those; a
+    # table with media is logged as an artifact, its files staged until `wandb sync`
+    (files,) = [a["files"] for a in wandb_run["artifacts"] if "eval/predictions.table.json" in a["files"]]
+    table = json.loads(Path(files["eval/predictions.table.json"]).read_text())
+    assert table["columns"] == ["image_id", "true", "predicted", "confidence", "image"]
+    assert len(table["data"]) == 96
+    assert any(row[1] != row[2] for row in table["data"]), "no misclassified image to show"
+    for image_id, true, predicted, _, image in table["data"]:
+        if true == predicted:
+            assert image is None, f"{image_id} is right but has a thumbnail"
+        else:
+            assert image and image["_type"] == "image-file", f"{image_id} is wrong but has no thumbnail"
+            assert Path(files[image["path"]]).is_file() and max(image["width"], image["height"]) <= 96
 
 
 # --------------------------------------------------------------------------- accumulation
@@ -229,20 +242,39 @@ def test_sigterm_then_resume_gives_the_uninterrupted_result(tmp_path, env):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_train_and_only_rank0_writes(tmp_path, env):
-    out = tmp_path / "ddp"
-    env2 = {**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = run_train([*TINY, "--epochs", "1", "--val_fraction", "0.25", "--output_dir", str(out)],
-                       env2, launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                       "--nproc_per_node", "2"))
+def test_two_cpu_processes_train_log_plain_lines_and_sync_only_at_log_steps(tmp_path, env):
+    """2 processes, output to a pipe as in any SLURM job: rank 0 alone writes; the console has
+    one plain line per log interval and no bar redraws; outside the log steps (and the first,
+    which times the steps) the ranks issue no collective, so nothing syncs host and device."""
+    out, counts = tmp_path / "ddp", tmp_path / "collectives"
+    counts.mkdir()
+    env2 = {**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "COLLECTIVES_DIR": str(counts)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              str(ROOT / "tests" / "faults.py"), "count-collectives", str(ROOT / "train.py")]
+    # batch 16: CPU kernels then give a 1x1 conv the grad layout DDP warns about (not at 8)
+    raw = subprocess.run([*launch, *TINY, "--epochs", "1", "--val_fraction", "0.25", "--log_every", "2",
+                          "--synthetic_images_per_class", "32", "--batch_size", "16",
+                          "--output_dir", str(out)], env=env2, cwd=ROOT, capture_output=True, timeout=600)
+    assert b"\r" not in raw.stdout + raw.stderr, "a progress bar redraw in a redirected log"
+    result = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(), raw.stderr.decode())
     assert_ok(result)
     assert "2 process(es)" in result.stdout, "torchrun did not give 2 processes"
     assert result.stdout.count("pet-pipeline:") == 1, "the summary must print once"
+    # 144 training images / (16 per device x 2 processes) = 5 optimizer steps, logged at 2 and 4
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
-    assert steps == sorted(set(steps)), "metrics.jsonl written by more than one rank"
-    # 72 training images / (8 per device x 2 processes) = 5 optimizer steps
-    assert steps[-1] == 5
-    assert json.loads((out / "eval/metrics.json").read_text())["n"] == 96  # every test image once
+    assert steps == [2, 4], "metrics.jsonl written by more than one rank, or not at the log steps"
+    assert json.loads((out / "eval/metrics.json").read_text())["n"] == 192  # every test image once
+
+    progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in progress] == ["step 2/5 (40%)", "step 4/5 (80%)"]
+    assert all(" | loss " in line and " img/s | ETA " in line for line in progress)
+    assert "Grad strides do not match" not in result.stderr
+
+    for rank in (0, 1):
+        record = json.loads((counts / f"rank-{rank}.json").read_text())
+        assert record["steps"] == [1, 2, 3, 4, 5]
+        syncing = [step for step, n in zip(record["steps"], record["per_step"]) if n]
+        assert syncing == [1, 2, 4], f"rank {rank}: collectives at steps {syncing}"
 
 
 # --------------------------------------------------------------------------- bad input
@@ -404,3 +436,86 @@ def test_class_weights_schedules_and_sync_batchnorm():
     kinds = {type(m).__name__ for m in synced.modules()}
     assert not any(k in ("BatchNorm2d", "BatchNormAct2d") for k in kinds)
     assert any("Sync" in k for k in kinds)
+
+
+# --------------------------------------------------------------------------- stop agreement cadence
+
+
+class _TwoRanks:
+    """An accelerator stand-in for StopFlag: 2 processes; `gather` counts the collectives and
+    adds the other rank's row (its flag, and a second per step)."""
+
+    num_processes, device = 2, "cpu"
+
+    def __init__(self):
+        self.gathers, self.other_rank_signalled = 0, False
+
+    def gather(self, mine):
+        import torch
+
+        self.gathers += 1
+        other = torch.tensor([[float(self.other_rank_signalled), 1.0]])
+        return torch.cat([mine, other])
+
+
+def _flag_with_clock(monkeypatch, seconds_per_step: float):
+    from pet_pipeline import preemption
+
+    now = [0.0]
+    monkeypatch.setattr(preemption.time, "perf_counter", lambda: now[0])
+    flag = preemption.StopFlag(signals=())
+    flag.arm(every=10)
+    return flag, now, seconds_per_step
+
+
+def _run_steps(flag, now, seconds_per_step, ranks, steps):
+    for step in steps:
+        now[0] += seconds_per_step
+        flag.check(ranks, step)
+
+
+def test_ranks_agree_on_stopping_every_log_every_steps_not_every_step(monkeypatch):
+    flag, now, pace = _flag_with_clock(monkeypatch, seconds_per_step=0.5)
+    ranks = _TwoRanks()
+    _run_steps(flag, now, pace, ranks, range(1, 101))
+    assert ranks.gathers == 11  # step 1 (it times the steps), then 10, 20, ..., 100
+
+
+def test_slow_steps_bring_the_agreement_within_the_time_budget(monkeypatch):
+    from pet_pipeline.preemption import AGREE_WITHIN_S
+
+    flag, now, pace = _flag_with_clock(monkeypatch, seconds_per_step=AGREE_WITHIN_S / 3)
+    ranks = _TwoRanks()
+    _run_steps(flag, now, pace, ranks, range(1, 31))
+    assert ranks.gathers == 1 + 29 // 3  # every 3rd step: a signal is acted on within the budget
+
+
+def test_a_signal_on_another_rank_stops_this_one_at_the_next_agreement(monkeypatch):
+    from pet_pipeline.preemption import StopRequested
+
+    flag, now, pace = _flag_with_clock(monkeypatch, seconds_per_step=0.5)
+    ranks = _TwoRanks()
+    _run_steps(flag, now, pace, ranks, range(1, 13))
+    ranks.other_rank_signalled = True
+    _run_steps(flag, now, pace, ranks, range(13, 20))  # no agreement before step 20
+    with pytest.raises(StopRequested):
+        _run_steps(flag, now, pace, ranks, [20])
+
+
+def test_progress_keeps_the_bar_in_a_terminal_and_prints_lines_elsewhere(capsys):
+    from pet_pipeline.tracking import Progress
+
+    record = {"epoch": 0, "train_loss": 0.5, "lr": 1e-3, "images_per_s": 80.0}
+    terminal = Progress(10, 0, enabled=True, interactive=True)
+    terminal.update()
+    terminal.show(record)
+    assert terminal.bar is not None and "loss=0.5000" in str(terminal.bar)
+    terminal.close()
+    assert "step 1/10" not in capsys.readouterr().out
+
+    piped = Progress(10, 0, enabled=True, interactive=False)
+    piped.update()
+    piped.show(record)
+    assert piped.bar is None
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("step 1/10 (10%) | epoch 0 | loss 0.5000 | lr 1.00e-03 | 80 img/s | ETA ")

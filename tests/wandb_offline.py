@@ -1,4 +1,6 @@
-"""Read back an offline W&B run (`run-ID.wandb`) without a server: history and config.
+"""Read back an offline W&B run (`run-ID.wandb`) without a server: history, config and
+the artifacts it logged (a table with media is one: its files are staged outside the run
+folder until `wandb sync` uploads them).
 
 The file is a LevelDB-style log (the format of wandb's own datastore): a 7-byte header,
 then 32 KiB blocks of records, each with a 7-byte header (crc32, length, type) and a
@@ -43,8 +45,9 @@ def _payloads(data: bytes):
 
 
 def read_offline_run(run_file: str | Path) -> dict:
-    """{'run_id', 'history': [{key: value}], 'config': {key: value}}."""
-    run_id, history, config = None, [], {}
+    """{'run_id', 'history': [{key: value}], 'config': {key: value},
+    'artifacts': [{'name', 'type', 'files': {path in the artifact: local file}}]}."""
+    run_id, history, config, artifacts = None, [], {}, []
     for payload in _payloads(Path(run_file).read_bytes()):
         record = pb.Record()
         record.ParseFromString(payload)
@@ -59,4 +62,8 @@ def read_offline_run(run_file: str | Path) -> dict:
         elif kind == "config":
             for item in record.config.update:
                 config[item.key] = json.loads(item.value_json)
-    return {"run_id": run_id, "history": history, "config": config}
+        elif kind == "artifact":
+            artifact = record.artifact
+            artifacts.append({"name": artifact.name, "type": artifact.type,
+                              "files": {e.path: e.local_path for e in artifact.manifest.contents}})
+    return {"run_id": run_id, "history": history, "config": config, "artifacts": artifacts}
