@@ -74,8 +74,7 @@ def evaluate(config: EvalConfig) -> int:
     model_dir = Path(config.model_dir)
     run_config = description["run_dir"] / "config.yaml"
     class_names = list(description["label_names"])
-    data_config = dict(description["pretrained_cfg"])
-    data_config["input_size"] = tuple(data_config["input_size"])
+    data_config = description["data_config"]
     if config.species is not None or config.breeds is not None:
         wanted = kept_breeds(config.species or "all", config.breeds)
         if wanted != class_names:

@@ -430,8 +430,8 @@ def validate_and_select(config: Config, accelerator, parts, val_loader, state, r
         if accelerator.is_main_process:  # keep the best weights as the exported model
             with run_log.phase("checkpoints"):
                 export_model(accelerator.unwrap_model(parts.eval_model, keep_torch_compile=False),
-                             run_log.metrics.path.parent / "model", model_name=config.model,
-                             class_names=class_names, data_config=data_config)
+                             run_log.metrics.path.parent / "model", class_names=class_names,
+                             data_config=data_config)
     else:
         state.epochs_since_best += 1
     run_log.log({"step": state.global_step, "epoch": state.epoch, "val_accuracy": accuracy,
@@ -461,8 +461,8 @@ def final_report(config: Config, accelerator, parts, loaders, pets, state, run_l
     with run_log.phase("test evaluation and report"):
         if loaders.val is None or not (out / "model" / "model.safetensors").is_file():
             if accelerator.is_main_process:  # no validation split: the last weights are the model
-                export_model(eval_model, out / "model", model_name=config.model,
-                             class_names=class_names, data_config=data_config)
+                export_model(eval_model, out / "model", class_names=class_names,
+                             data_config=data_config)
         accelerator.wait_for_everyone()
         eval_model.load_state_dict(load_file(str(out / "model" / "model.safetensors")))
         test_metrics = evaluate_and_report(

@@ -163,6 +163,37 @@ def test_bad_model_folders_and_data_end_in_one_sentence(trained_run, env, tmp_pa
         assert len(errors) == 1 and key in errors[0], f"{name}: {result.stderr[-500:]}"
 
 
+@pytest.mark.slow
+def test_plain_timm_loads_model_dir_and_predicts_as_evaluate_py(trained_run, env, tmp_path):
+    """model/ is timm's own format: `local-dir:` builds the model at the run's 64 px (not the
+    architecture's 224) with its class names, and timm's data config and transform give
+    evaluate.py's predictions, image by image."""
+    import timm
+    import torch
+
+    ok(run("evaluate.py", ["--model_dir", str(trained_run / "model"), "--gradcam_images", "0",
+                           "--output_dir", str(tmp_path / "report")], env))
+    with open(tmp_path / "report/predictions.csv", newline="") as f:
+        expected = list(csv.DictReader(f))
+
+    model = timm.create_model(f"local-dir:{trained_run / 'model'}", pretrained=True).eval()
+    data_config = timm.data.resolve_model_data_config(model)
+    assert tuple(data_config["input_size"]) == (3, 64, 64)
+    transform = timm.data.create_transform(**data_config, is_training=False)
+    label_names = model.pretrained_cfg["label_names"]
+    assert label_names == list(CAT_BREEDS)
+    (images,) = {p.parent for p in Path(env["PET_PIPELINE_CACHE"]).rglob("images/Bengal_16.jpg")}
+    with torch.no_grad():
+        batch = torch.stack([transform(Image.open(images / f"{row['image_id']}.jpg").convert("RGB"))
+                             for row in expected])
+        probabilities = model(batch).softmax(dim=1)
+    assert len(expected) == 96
+    assert [label_names[i] for i in probabilities.argmax(dim=1)] == [row["predicted"] for row in expected]
+    # predictions.csv rounds the confidence to 4 digits
+    assert probabilities.max(dim=1).values.tolist() == pytest.approx(
+        [float(row["confidence"]) for row in expected], abs=1.1e-4)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
