@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -192,6 +193,50 @@ def test_plain_timm_loads_model_dir_and_predicts_as_evaluate_py(trained_run, env
     # predictions.csv rounds the confidence to 4 digits
     assert probabilities.max(dim=1).values.tolist() == pytest.approx(
         [float(row["confidence"]) for row in expected], abs=1.1e-4)
+
+
+@pytest.mark.slow
+def test_the_run_writes_a_model_card_from_its_report(trained_run, env):
+    """model/README.md, the card that push_to_hub uploads with model/: YAML metadata for the
+    Hub, the test metrics and per-class tables of eval/metrics.json, the confusion matrix,
+    the data filter and split sizes, the training config, intended use and limits."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained_run / "model" / "README.md")
+    metrics = json.loads((trained_run / "eval/metrics.json").read_text())
+    config = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert card.data.library_name == "timm" and card.data.license and card.data.pipeline_tag
+    assert {"accuracy", "f1"} <= set(card.data.metrics)
+    assert not card.data.datasets  # generated data: no Hub dataset to name
+    (accuracy,) = [r for r in card.data.eval_results if r.metric_type == "accuracy"]
+    assert accuracy.dataset_split == "test" and accuracy.metric_value == round(metrics["accuracy"], 4)
+
+    text = card.text
+    assert f"| accuracy | {metrics['accuracy']:.4f} |" in text
+    assert f"| macro F1 | {metrics['macro_f1']:.4f} |" in text
+    for breed, row in metrics["per_class"].items():
+        assert (f"| {breed} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | "
+                f"{row['support']} |") in text
+    assert "](confusion_matrix.png)" in text
+    assert (trained_run / "model/confusion_matrix.png").read_bytes() == \
+        (trained_run / "eval/confusion_matrix.png").read_bytes()
+
+    sizes = dict(re.findall(r"^\| (train|val|test) \| (\d+) \|$", text, flags=re.M))
+    from conftest import annotation_ids
+
+    (trainval,) = Path(env["PET_PIPELINE_CACHE"]).rglob("annotations/trainval.txt")
+    cats = [i for i in annotation_ids(trainval) if i.rsplit("_", 1)[0] in CAT_BREEDS]
+    assert int(sizes["test"]) == metrics["n"]
+    assert int(sizes["train"]) + int(sizes["val"]) == len(cats) and int(sizes["val"]) > 0
+    assert f"`species: {config['species']}` ({len(CAT_BREEDS)} cat breeds)" in text
+    assert "generated images" in text and "trained from scratch" in text
+
+    config_block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    written = yaml.safe_load(config_block)
+    assert written == {k: v for k, v in config.items()
+                       if k not in ("data_dir", "pretrained_path", "output_dir", "resume")}
+    assert "## Intended use and limits" in text and 'timm.create_model("local-dir:' in text
 
 
 # --------------------------------------------------------------------------- checkpoints
