@@ -41,24 +41,23 @@ print(json.dumps({"metrics": metrics, "report_accuracy": report["accuracy"],
 """
 
 
-@pytest.mark.slow
-def test_the_built_wheel_imports_and_computes_metrics_outside_the_checkout(tmp_path):
-    """`pip install .` puts pet_pipeline in site-packages next to `evaluate`: importing the
-    metrics must not depend on where the package lies (it once dropped site-packages from
-    sys.path to dodge the project's evaluate.py, and failed with "No module named 'evaluate'")."""
-    source = tmp_path / "source"  # a copy: building must not leave build/ in the checkout
+@pytest.fixture(scope="module")
+def wheel_env(tmp_path_factory):
+    """(python, its site-packages, a work folder): a fresh environment with the wheel built
+    from a copy of the source installed into its site-packages, and the dependencies of this
+    environment linked in beside it (no download), without this checkout or its editable hook."""
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"  # a copy: building must not leave build/ in the checkout
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "pet_pipeline", source / "pet_pipeline",
                     ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist"), str(source)], check=True, timeout=300)
-    (wheel,) = (tmp_path / "dist").glob("pet_pipeline-*.whl")
+                    "-w", str(work / "dist"), str(source)], check=True, timeout=300)
+    (wheel,) = (work / "dist").glob("pet_pipeline-*.whl")
 
-    # A fresh environment: the wheel installed into its site-packages; the dependencies of
-    # this one linked in beside it (no download), without this checkout or its editable hook.
-    environment = tmp_path / "env"
+    environment = work / "env"
     venv.create(environment, with_pip=False)
     python = environment / "bin" / "python"
     site_packages = Path(subprocess.run(
@@ -69,15 +68,28 @@ def test_the_built_wheel_imports_and_computes_metrics_outside_the_checkout(tmp_p
             (site_packages / entry.name).symlink_to(entry)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
                     "--target", str(site_packages), str(wheel)], check=True, timeout=300)
+    return python, site_packages, work
 
+
+def clean_env(work: Path) -> dict:
+    return {"PATH": "/usr/bin:/bin", "HOME": str(work), "HF_HOME": str(work / "hf"),
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PET_PIPELINE_CACHE": str(work / "cache"),
+            "OMP_NUM_THREADS": "2"}
+
+
+@pytest.mark.slow
+def test_the_built_wheel_imports_and_computes_metrics_outside_the_checkout(wheel_env, tmp_path):
+    """`pip install .` puts pet_pipeline in site-packages next to `evaluate`: importing the
+    metrics must not depend on where the package lies (it once dropped site-packages from
+    sys.path to dodge the project's evaluate.py, and failed with "No module named 'evaluate'")."""
+    python, site_packages, work = wheel_env
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     shutil.copy(ROOT / "evaluate.py", scripts / "evaluate.py")  # the name clash, as in the checkout
     (scripts / "check_wheel.py").write_text(CHECK_WHEEL)
     result = subprocess.run([str(python), str(scripts / "check_wheel.py"), str(site_packages),
                              str(tmp_path / "report")], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                                              "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+                            timeout=300, env=clean_env(work))
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.splitlines()[-1])
     assert out["metrics"]["accuracy"] == pytest.approx(out["expected_accuracy"])
@@ -85,3 +97,31 @@ def test_the_built_wheel_imports_and_computes_metrics_outside_the_checkout(tmp_p
     for key in ("top5_accuracy", "macro_f1", "weighted_precision"):
         assert 0 <= out["metrics"][key] <= 1, key
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["n"] == 40
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_scripts_run_against_the_installed_wheel(wheel_env, tmp_path):
+    """The scripts outside the checkout, beside no pet_pipeline: a tiny run through its
+    validation (where the installed package used to crash), its report, and evaluate.py."""
+    python, site_packages, work = wheel_env
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name in ("train.py", "evaluate.py"):
+        shutil.copy(ROOT / name, scripts / name)
+    out = tmp_path / "run"
+    tiny = ["--dataset", "synthetic", "--synthetic_images_per_class", "4", "--synthetic_image_size", "32",
+            "--model", "test_resnet", "--pretrained", "false", "--image_size", "32", "--epochs", "1",
+            "--batch_size", "8", "--val_fraction", "0.5", "--report_to", "none", "--num_workers", "0",
+            "--gradcam_images", "0", "--output_dir", str(out)]
+    trained = subprocess.run([str(python), str(scripts / "train.py"), *tiny], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600, env=clean_env(work))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "val accuracy" in trained.stdout
+    reported = json.loads((out / "eval" / "metrics.json").read_text())
+    evaluated = subprocess.run([str(python), str(scripts / "evaluate.py"), "--model_dir", str(out / "model"),
+                                "--gradcam_images", "0", "--num_workers", "0",
+                                "--output_dir", str(tmp_path / "again")],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=600, env=clean_env(work))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["n"] == reported["n"] and again["accuracy"] == reported["accuracy"]
