@@ -4,6 +4,8 @@
     python evaluate.py --model_dir runs/quickstart/model --split val --output_dir /tmp/val-report
     accelerate launch --config_file accelerate_config.yaml evaluate.py --model_dir runs/x/model
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 evaluate.py --model_dir runs/x/model
+    # upload it in timm's format with a model card of this evaluation (hf auth login first):
+    python evaluate.py --model_dir runs/x/model --push_to_hub --hub_model_id you/pets-coatnet
 
 `--model_dir` is a run's model/ folder or one of its checkpoints/step_N folders (its EMA
 weights when it has some; saved by any number of processes, compiled or not). The class
