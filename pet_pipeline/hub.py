@@ -127,7 +127,8 @@ def build_model_card(*, architecture: str, class_names: list[str], data_config: 
     breeds = run_config.get("breeds")
     data_filter = (f"`breeds`: {', '.join(breeds)}" if breeds
                    else f"`species: {species}` ({len(class_names)} {kept})")
-    started = ("fine-tuned from ImageNet weights" if run_config.get("pretrained", True)
+    started = ("trained" if "pretrained" not in run_config  # no config.yaml to tell
+               else "fine-tuned from ImageNet weights" if run_config["pretrained"]
                or run_config.get("pretrained_path") else "trained from scratch")
     photos = "generated images" if synthetic else f"photos of {DATASET_NAME}, mostly one well-lit pet each"
     validation = (f"`val_fraction` {run_config.get('val_fraction')} of trainval, stratified by breed "
@@ -215,7 +216,7 @@ def base_weights(run_config: dict) -> tuple[str | None, str | None]:
     cfg = timm.models.get_pretrained_cfg(run_config.get("model", ""))
     if cfg is None:
         return None, None
-    from_the_hub = run_config.get("pretrained", True) and not run_config.get("pretrained_path")
+    from_the_hub = run_config.get("pretrained") and not run_config.get("pretrained_path")
     return (cfg.hf_hub_id or None) if from_the_hub else None, cfg.license
 
 

@@ -164,3 +164,61 @@ def test_evaluate_py_uploads_an_older_model_folder_in_timms_format_with_its_card
     assert accuracy.metric_value == round(metrics["accuracy"], 4)
     assert 'timm.create_model("hf-hub:someone/pets-coatnet", pretrained=True)' in card.text
     assert "| test | 24 |" in card.text
+
+
+class FakeHub:
+    """A local HTTP server that answers /api/whoami-v2 as the Hub would for one token."""
+
+    def __init__(self, status: int, role: str | None):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server name
+                body = json.dumps({"name": "someone", "auth": {"accessToken": {"role": role}}}
+                                  if status == 200 else {"error": "Invalid credentials"}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize("status, role, message", [
+    (401, None, "refused the Hugging Face token"),
+    (200, "read", "read-only"),
+    (200, "write", None),
+])
+def test_the_start_up_check_asks_the_hub_about_the_token(monkeypatch, status, role, message):
+    from huggingface_hub import constants
+
+    from pet_pipeline.errors import UserError
+    from pet_pipeline.hub import check_hub_access
+
+    hub = FakeHub(status, role)
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+        if message is None:
+            check_hub_access("someone/pets-coatnet")
+        else:
+            with pytest.raises(UserError, match=message):
+                check_hub_access("someone/pets-coatnet")
+    finally:
+        hub.server.shutdown()
+
+
+def test_a_malformed_repo_id_is_refused_before_the_hub_is_asked():
+    from pet_pipeline.errors import UserError
+    from pet_pipeline.hub import check_hub_access
+
+    with pytest.raises(UserError, match="hub_model_id: 'someone/pets/coatnet' is not a Hub repo id"):
+        check_hub_access("someone/pets/coatnet")
