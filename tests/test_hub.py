@@ -167,17 +167,33 @@ def test_evaluate_py_uploads_an_older_model_folder_in_timms_format_with_its_card
 
 
 class FakeHub:
-    """A local HTTP server that answers /api/whoami-v2 as the Hub would for one token."""
+    """A local HTTP server that answers /api/whoami-v2 as the Hub would for one token, knows
+    no repo, and refuses (403) every POST, such as creating one; `posted` lists their paths."""
 
     def __init__(self, status: int, role: str | None):
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+        posted = self.posted = []
+
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - the http.server name
-                body = json.dumps({"name": "someone", "auth": {"accessToken": {"role": role}}}
-                                  if status == 200 else {"error": "Invalid credentials"}).encode()
-                self.send_response(status)
+            def do_POST(self):  # noqa: N802 - the http.server name
+                posted.append(self.path)
+                body = json.dumps({"error": "You don't have the rights to create this repo"}).encode()
+                self.send_response(403)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):  # noqa: N802
+                if not self.path.startswith("/api/whoami-v2"):
+                    answer, body = 404, json.dumps({"error": "Repository not found"}).encode()
+                else:
+                    answer, body = status, json.dumps(
+                        {"name": "someone", "auth": {"accessToken": {"role": role}}} if status == 200
+                        else {"error": "Invalid credentials"}).encode()
+                self.send_response(answer)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -222,3 +238,31 @@ def test_a_malformed_repo_id_is_refused_before_the_hub_is_asked():
 
     with pytest.raises(UserError, match="hub_model_id: 'someone/pets/coatnet' is not a Hub repo id"):
         check_hub_access("someone/pets/coatnet")
+
+
+@pytest.mark.slow
+def test_a_failed_upload_at_the_end_keeps_the_run_and_says_how_to_upload_later(hub_env, tmp_path):
+    """The start-up check passes (a write token), the upload at the end is refused: the run
+    is complete on disk, card included, and one sentence gives the command that uploads it."""
+    hub, hub_id = FakeHub(200, "write"), "someone/pets-coatnet"
+    out = tmp_path / "run"
+    tiny = ["--dataset", "synthetic", "--synthetic_images_per_class", "4", "--synthetic_image_size", "32",
+            "--model", "test_resnet", "--pretrained", "false", "--image_size", "32", "--epochs", "1",
+            "--batch_size", "8", "--val_fraction", "0.5", "--report_to", "none", "--num_workers", "0",
+            "--gradcam_images", "0", "--output_dir", str(out)]
+    try:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *tiny, "--push_to_hub", "--hub_model_id",
+             "someone/pets-coatnet"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+            env={**hub_env, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_not_a_real_token",
+                 "OMP_NUM_THREADS": "2"})
+    finally:
+        hub.server.shutdown()
+    error = one_error_line(result)
+    assert "push_to_hub: the upload to someone/pets-coatnet failed" in error, error
+    later = f"python evaluate.py --model_dir {out / 'model'} --push_to_hub --hub_model_id {hub_id}"
+    assert later in error, error
+    assert hub.posted and all(path.startswith("/api/repos/create") for path in hub.posted), hub.posted
+    assert "test accuracy" in result.stdout  # the run finished before the upload
+    assert {"model.safetensors", "config.json", "README.md", "confusion_matrix.png"} <= {
+        p.name for p in (out / "model").iterdir()}
