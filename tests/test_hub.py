@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -98,13 +99,13 @@ def test_hub_keys_may_change_when_a_run_resumes():
 def test_evaluate_py_uploads_an_older_model_folder_in_timms_format_with_its_card(tmp_path, monkeypatch):
     """evaluate.py --push_to_hub exports what it evaluated: a model/ folder of an earlier
     version (config.json without model_args) goes up in timm's format, with the card of
-    this evaluation; `local-dir:` on what would be uploaded predicts as the model."""
+    this evaluation; `hf-hub:` on what the Hub would then serve predicts as the model."""
     import importlib.util
 
     import numpy as np
     import timm
     import torch
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, constants
     from safetensors.torch import save_file
 
     import pet_pipeline.hub
@@ -135,12 +136,14 @@ def test_evaluate_py_uploads_an_older_model_folder_in_timms_format_with_its_card
                               list(CAT_BREEDS))
 
     uploaded = {}
+    hub_cache = tmp_path / "hub-cache"
+    repo = hub_cache / "models--someone--pets-coatnet"
 
-    def push_folder(folder, **kwargs):  # what the upload would send, instead of sending it
-        folder = Path(folder)
-        uploaded.update(kwargs, files=sorted(p.name for p in folder.iterdir()),
-                        card=ModelCard.load(folder / "README.md"),
-                        model=timm.create_model(f"local-dir:{folder}", pretrained=True).eval())
+    def push_folder(folder, **kwargs):  # instead of the upload: the Hub's files, as a download caches them
+        uploaded.update(kwargs, files=sorted(p.name for p in Path(folder).iterdir()))
+        shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
         return "https://huggingface.co/someone/pets-coatnet/commit/0"
 
     monkeypatch.setattr(pet_pipeline.hub, "push_folder", push_folder)
@@ -155,11 +158,15 @@ def test_evaluate_py_uploads_an_older_model_folder_in_timms_format_with_its_card
 
     assert uploaded["files"] == ["README.md", "config.json", "confusion_matrix.png", "model.safetensors"]
     assert uploaded["repo_id"] == "someone/pets-coatnet" and uploaded["private"] is True
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # from the cache, never the network
+    pushed = timm.create_model("hf-hub:someone/pets-coatnet", pretrained=True).eval()
+    assert timm.data.resolve_model_data_config(pushed)["input_size"] == (3, 32, 32)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(uploaded["model"](x), source(x), rtol=0, atol=0)
-    assert uploaded["model"].pretrained_cfg["label_names"] == list(CAT_BREEDS)
-    card = uploaded["card"]
+        torch.testing.assert_close(pushed(x), source(x), rtol=0, atol=0)
+    assert pushed.pretrained_cfg["label_names"] == list(CAT_BREEDS)
+    card = ModelCard.load(next(repo.glob("snapshots/*/README.md")))
     (accuracy,) = [r for r in card.data.eval_results if r.metric_type == "accuracy"]
     assert accuracy.metric_value == round(metrics["accuracy"], 4)
     assert 'timm.create_model("hf-hub:someone/pets-coatnet", pretrained=True)' in card.text
