@@ -4,6 +4,8 @@
     python evaluate.py --model_dir runs/quickstart/model --split val --output_dir /tmp/val-report
     accelerate launch --config_file accelerate_config.yaml evaluate.py --model_dir runs/x/model
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 evaluate.py --model_dir runs/x/model
+    # upload it in timm's format with a model card of this evaluation (hf auth login first):
+    python evaluate.py --model_dir runs/x/model --push_to_hub --hub_model_id you/pets-coatnet
 
 `--model_dir` is a run's model/ folder or one of its checkpoints/step_N folders (its EMA
 weights when it has some; saved by any number of processes, compiled or not). The class
@@ -14,6 +16,7 @@ split. Every process count gives the same predictions, each image counted once.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(sys.argv[1:] if argv is None else argv, cls=EvalConfig)
         check_model_dir(Path(config.model_dir))  # before torch: a wrong path answers at once
+        if config.push_to_hub:  # a token and the Hub now, not after the evaluation
+            from pet_pipeline.hub import check_hub_access
+
+            check_hub_access(config.hub_model_id, ask_the_hub=int(os.environ.get("RANK", "0")) == 0)
         return evaluate(config)
     except UserError as error:
         exit_with(error)
@@ -64,8 +71,7 @@ def evaluate(config: EvalConfig) -> int:
     model_dir = Path(config.model_dir)
     run_config = description["run_dir"] / "config.yaml"
     class_names = list(description["label_names"])
-    data_config = dict(description["pretrained_cfg"])
-    data_config["input_size"] = tuple(data_config["input_size"])
+    data_config = description["data_config"]
     if config.species is not None or config.breeds is not None:
         wanted = kept_breeds(config.species or "all", config.breeds)
         if wanted != class_names:
@@ -74,7 +80,8 @@ def evaluate(config: EvalConfig) -> int:
                 f"...) but the model knows {len(class_names)} ({', '.join(class_names[:3])}...); "
                 "leave species and breeds out to use the model's classes."
             )
-    data = resolve_data_keys(config, run_config if run_config.is_file() else None)
+    run_data = resolve_data_keys(config, run_config if run_config.is_file() else None)
+    data = dict(run_data)
     if config.split == "val" and not data["val_fraction"]:
         raise UserError("split: val needs val_fraction > 0; the training run had no validation split.")
     if config.split == "test":
@@ -114,8 +121,40 @@ def evaluate(config: EvalConfig) -> int:
     if accelerator.is_main_process:
         print(f"{config.split} accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; "
               f"report in {out}")
+        if config.push_to_hub:
+            training = pets if data == run_data else load_pets(species="all", breeds=class_names, **run_data)
+            push_evaluated_model(config, accelerator.unwrap_model(model, keep_torch_compile=False),
+                                 description, metrics=metrics, report_dir=out, run_data=run_data,
+                                 split_sizes={name: len(getattr(training, name) or [])
+                                              for name in ("train", "val", "test")})
     accelerator.end_training()
     return 0
+
+
+def push_evaluated_model(config: EvalConfig, model, description: dict, *, metrics: dict, report_dir: Path,
+                         run_data: dict, split_sizes: dict) -> None:
+    """The model in timm's format, with a card of this evaluation, to the Hub in one commit
+    (exported aside: a checkpoint or an older model/ folder is uploaded in today's format)."""
+    import tempfile
+
+    from pet_pipeline.hub import push_folder, write_model_card
+    from pet_pipeline.model import export_model
+
+    run_config_file = description["run_dir"] / "config.yaml"
+    run_config = {"model": description["architecture"],
+                  **(read_yaml(str(run_config_file)) if run_config_file.is_file() else {}), **run_data}
+    with tempfile.TemporaryDirectory() as staging:
+        export_model(model, staging, class_names=description["label_names"],
+                     data_config=description["data_config"])
+        write_model_card(staging, architecture=description["architecture"], run_config=run_config,
+                         class_names=description["label_names"], data_config=description["data_config"],
+                         metrics=metrics, split_sizes=split_sizes, evaluated_split=config.split,
+                         repo_id=config.hub_model_id, confusion_matrix=report_dir / "confusion_matrix.png")
+        url = push_folder(staging, repo_id=config.hub_model_id, private=config.hub_private,
+                          commit_message=f"pet-pipeline: {description['architecture']}, "
+                                         f"{config.split} accuracy {metrics['accuracy']:.4f}",
+                          retry=f"the report is in {report_dir}; run the same command again")
+    print(f"pushed the model to the Hub: {url}")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,8 @@ def train(config: Config, argv: list[str]) -> int:
     accelerator.end_training()
     if hint and exit_code == 0:
         run_log.print(f"W&B ran offline; upload with: {hint}")
+    if config.push_to_hub and exit_code == 0 and accelerator.is_main_process:
+        push_model_dir(config, run_dir.path, step=state.global_step, run_log=run_log)
     return exit_code
 
 
@@ -228,6 +230,10 @@ def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
                         f"evaluation resizes to; use at least {eval_side}, or null.")
     if "wandb" in trackers_for(config.report_to):
         choose_wandb_mode()  # offline without credentials
+    if config.push_to_hub:  # a token and the Hub now, not at the upload after the whole run
+        from pet_pipeline.hub import check_hub_access
+
+        check_hub_access(config.hub_model_id, ask_the_hub=int(os.environ.get("RANK", "0")) == 0)
     return data_config, class_names
 
 
@@ -435,8 +441,8 @@ def validate_and_select(config: Config, accelerator, parts, val_loader, state, r
         if accelerator.is_main_process:  # keep the best weights as the exported model
             with run_log.phase("checkpoints"):
                 export_model(accelerator.unwrap_model(parts.eval_model, keep_torch_compile=False),
-                             run_log.metrics.path.parent / "model", model_name=config.model,
-                             class_names=class_names, data_config=data_config)
+                             run_log.metrics.path.parent / "model", class_names=class_names,
+                             data_config=data_config)
     else:
         state.epochs_since_best += 1
     run_log.log({"step": state.global_step, "epoch": state.epoch, "val_accuracy": accuracy,
@@ -455,7 +461,9 @@ def final_report(config: Config, accelerator, parts, loaders, pets, state, run_l
     predictions gathered once; metrics, plots and the report under eval/."""
     from safetensors.torch import load_file
 
+    from pet_pipeline.config import to_dict
     from pet_pipeline.evaluation import STOPPED, evaluate_and_report
+    from pet_pipeline.hub import write_model_card
     from pet_pipeline.model import export_model
     from pet_pipeline.plots import plot_training_curves
     from pet_pipeline.preemption import StopRequested
@@ -466,8 +474,8 @@ def final_report(config: Config, accelerator, parts, loaders, pets, state, run_l
     with run_log.phase("test evaluation and report"):
         if loaders.val is None or not (out / "model" / "model.safetensors").is_file():
             if accelerator.is_main_process:  # no validation split: the last weights are the model
-                export_model(eval_model, out / "model", model_name=config.model,
-                             class_names=class_names, data_config=data_config)
+                export_model(eval_model, out / "model", class_names=class_names,
+                             data_config=data_config)
         accelerator.wait_for_everyone()
         eval_model.load_state_dict(load_file(str(out / "model" / "model.safetensors")))
         test_metrics = evaluate_and_report(
@@ -480,8 +488,25 @@ def final_report(config: Config, accelerator, parts, loaders, pets, state, run_l
             run_log.log({"step": state.global_step, "test_accuracy": test_metrics["accuracy"],
                          "test_macro_f1": test_metrics["macro_f1"]})
             plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "training_curves.png")
+            write_model_card(
+                out / "model", architecture=config.model, run_config=to_dict(config),
+                class_names=class_names, data_config=data_config, metrics=test_metrics,
+                split_sizes={name: len(getattr(pets, name) or []) for name in ("train", "val", "test")},
+                repo_id=config.hub_model_id, confusion_matrix=out / "eval" / "confusion_matrix.png")
             run_log.print(f"test accuracy {test_metrics['accuracy']:.4f} on {test_metrics['n']} images;"
                           f" report in {out / 'eval'}")
+
+
+def push_model_dir(config: Config, out, *, step: int, run_log) -> None:
+    """model/ (weights, timm's config.json, the model card) to the Hub, in one commit."""
+    from pet_pipeline.hub import push_folder
+
+    later = (f"python evaluate.py --model_dir {out / 'model'} --push_to_hub "
+             f"--hub_model_id {config.hub_model_id}")
+    url = push_folder(out / "model", repo_id=config.hub_model_id, private=config.hub_private,
+                      commit_message=f"pet-pipeline: {config.model}, step {step}",
+                      retry=f"the run is complete in {out}; upload it with `{later}`")
+    run_log.print(f"pushed model/ to the Hub: {url}")
 
 
 def save_on_stop(request, config: Config, accelerator, checkpointer, state, running_loss, scheduler,

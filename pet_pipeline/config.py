@@ -141,6 +141,15 @@ class Config:
     gradcam_images: int = _field(
         8, "Misclassified test images shown with Grad-CAM maps in the final report (0 = none)."
     )
+    # ---- Hugging Face Hub ----
+    push_to_hub: bool = _field(
+        False, "At the end of the run, upload model/ with its model card to hub_model_id (needs a "
+        "token with write access: `hf auth login` or HF_TOKEN; checked at start-up)."
+    )
+    hub_model_id: str | None = _field(None, "The Hub repo for push_to_hub: user/name or org/name.")
+    hub_private: bool = _field(
+        True, "Create the Hub repo private (a repo that exists keeps its visibility)."
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -204,9 +213,16 @@ def validate(c: Config) -> None:
         raise UserError("breeds: the list is empty; name at least one breed or leave it out.")
     if c.pretrained_path is not None and not Path(c.pretrained_path).is_file():
         raise UserError(f"pretrained_path: {c.pretrained_path} is not a file; give a weights file.")
+    _check_hub_keys(c)
     if c.resume not in ("auto", "none", "overwrite") and not Path(c.resume).is_dir():
         raise UserError(f"resume: {c.resume} is not a checkpoint folder; use auto, none, overwrite "
                         "or a checkpoint path.")
+
+
+def _check_hub_keys(c) -> None:
+    if c.push_to_hub and not c.hub_model_id:
+        raise UserError("hub_model_id: push_to_hub needs the Hub repo to upload to; give "
+                        "--hub_model_id user/name, or set push_to_hub: false.")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -428,6 +444,11 @@ class EvalConfig:
         None, "Where the report goes (default: RUN/eval_SPLIT for model/, RUN/eval_SPLIT_step_N "
         "for a checkpoint)."
     )
+    push_to_hub: bool = _field(
+        False, "Upload the model with a model card (this evaluation's results) to hub_model_id."
+    )
+    hub_model_id: str | None = _field(None, "The Hub repo for push_to_hub: user/name or org/name.")
+    hub_private: bool = _field(True, "Create the Hub repo private (a repo that exists keeps its visibility).")
 
     def __post_init__(self) -> None:
         if self.model_dir is None:
@@ -442,3 +463,4 @@ class EvalConfig:
         _at_least("num_workers", self.num_workers, 0, optional=True)
         if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"val_fraction: {self.val_fraction!r} must be in [0, 1), e.g. 0.1.")
+        _check_hub_keys(self)

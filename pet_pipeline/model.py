@@ -12,6 +12,7 @@ from pathlib import Path
 import timm
 import torch
 from safetensors.torch import load_file, save_file
+from timm.data import resolve_data_config
 
 from pet_pipeline.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE, umask
 from pet_pipeline.config import check_model_dir
@@ -114,30 +115,38 @@ def check_weights_available(model_name: str, *, pretrained: bool, pretrained_pat
         raise UserError(unavailable.format(why)) from None
 
 
-def export_model(model: torch.nn.Module, out_dir: str | Path, *, model_name: str,
-                 class_names: list[str], data_config: dict) -> None:
-    """`model.safetensors` + `config.json` in the layout timm's Hub models use (pass the
-    plain model: `accelerator.unwrap_model(model, keep_torch_compile=False)`).
+def export_model(model: torch.nn.Module, out_dir: str | Path, *, class_names: list[str],
+                 data_config: dict) -> None:
+    """`model.safetensors` + `config.json` in timm's own layout, the one `save_for_hf` writes
+    and the Hub's timm models use (pass the plain model:
+    `accelerator.unwrap_model(model, keep_torch_compile=False)`).
 
-    Load with evaluate.py, with `load_trained_model`, or with plain timm:
-    `timm.create_model(name, num_classes=K, pretrained=True,
-    pretrained_cfg_overlay={"file": ".../model.safetensors", "num_classes": K})` (without
-    "num_classes" there, timm would drop the trained head as not matching ImageNet's 1000).
+    config.json is written by timm (`architecture`, `num_classes`, `num_features`,
+    `global_pool`, `label_names`, `model_args` such as `img_size`, and `pretrained_cfg` with
+    the data config: input size, interpolation, mean/std, crop), so that
+
+        timm.create_model("local-dir:runs/x/model", pretrained=True)
+
+    builds the model at the run's size with its weights and class names, and
+    `timm.data.resolve_model_data_config` gives the run's eval transform; the same for
+    "hf-hub:user/repo" once pushed. The weights are written here rather than by
+    `save_for_hf`: on a GPU the model is channels_last, whose tensors safetensors refuses
+    until they are made contiguous (on the CPU, a copy of the weights, not of the model).
+    Each file is written aside and renamed into place, weights first.
     """
+    from timm.models._hub import save_config_for_hf  # save_for_hf's config half
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    mode = 0o666 & ~umask()  # safetensors writes 0600; the run's files follow the umask
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = out_dir / f".{EXPORT_WEIGHTS}.tmp"
-    save_file(state, str(tmp))
-    os.chmod(tmp, 0o666 & ~umask())  # safetensors writes 0600; the run's files follow the umask
-    tmp.replace(out_dir / EXPORT_WEIGHTS)
-    config = {
-        "architecture": model_name,
-        "num_classes": len(class_names),
-        "label_names": list(class_names),
-        "pretrained_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-    }
-    (out_dir / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+    weights_tmp, config_tmp = out_dir / f".{EXPORT_WEIGHTS}.tmp", out_dir / f".{EXPORT_CONFIG}.tmp"
+    save_file(state, str(weights_tmp))
+    save_config_for_hf(model, str(config_tmp), model_config={"label_names": list(class_names)},
+                       data_config=dict(data_config))
+    for tmp, name in ((weights_tmp, EXPORT_WEIGHTS), (config_tmp, EXPORT_CONFIG)):
+        os.chmod(tmp, mode)
+        tmp.replace(out_dir / name)
 
 
 def unwrap_state_dict(state: dict) -> dict:
@@ -212,14 +221,19 @@ def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, its description) from a run's `model/` folder (`export_model`) or
     one of its `checkpoints/step_N` folders, whose EMA weights are used when it has some.
 
-    Checkpoints of any process count and of compiled models load (`unwrap_state_dict`). The
-    description holds `architecture`, `num_classes`, `label_names`, `pretrained_cfg` (the
-    data config), `weights` (the file loaded) and `run_dir` (the run's output_dir).
+    Checkpoints of any process count and of compiled models load (`unwrap_state_dict`), and
+    so do model/ folders of earlier versions (config.json without `model_args`). The
+    description holds `architecture`, `num_classes`, `label_names`, `pretrained_cfg`,
+    `data_config` (input size, interpolation, mean/std, crop: the eval transform's),
+    `weights` (the file loaded) and `run_dir` (the run's output_dir).
     """
     path = Path(path)
     check_model_dir(path)
     description = (_describe_checkpoint(path) if (path / STATE_FILE).is_file()
                    else _describe_export(path))
+    # the data keys of pretrained_cfg, read the way timm reads them for a pretrained model
+    data_config = resolve_data_config(pretrained_cfg=description["pretrained_cfg"])
+    description["data_config"] = {**data_config, "input_size": tuple(data_config["input_size"])}
     weights, name = description["weights"], description["architecture"]
     num_classes = len(description["label_names"])
     if not weights.is_file():

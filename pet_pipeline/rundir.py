@@ -57,6 +57,7 @@ CONFIG_FILE = "config.yaml"
 FREE_KEYS = ("report_to", "wandb_project", "run_name", "log_every", "num_workers", "gradcam_images",
              "eval_batch_size", "checkpoint_steps", "keep_checkpoints", "compile", "channels_last",
              "mixed_precision", "strict_data", "collective_timeout_s",
+             "push_to_hub", "hub_model_id", "hub_private",
              # the checkpoint holds the weights; the split fingerprint guards the images
              "pretrained_path", "data_dir")
 # Keys that say where and how to start, not what the run is: never compared.

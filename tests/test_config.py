@@ -80,8 +80,8 @@ def test_cli_habits_bare_booleans_short_config_and_unknown_keys(tmp_path):
     assert config.strict_data is True and config.sync_bn is True  # bare flags are true
     assert config.pretrained is False and config.lr == 1e-3  # `--flag false` still works
     assert load_config(["--channels_last", "--epochs", "2"]).channels_last is True
-    with pytest.raises(UserError, match="unknown key 'push_to_hub'"):
-        load_config(["--push_to_hub"])  # not "missing value"
+    with pytest.raises(UserError, match="unknown key 'upload_model'"):
+        load_config(["--upload_model"])  # not "missing value"
     with pytest.raises(UserError, match="unknown key 'no_lr'"):
         load_config(["--no-lr"])  # --no- only for booleans
     with pytest.raises(UserError, match="epochs: missing value"):

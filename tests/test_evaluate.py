@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -161,6 +162,81 @@ def test_bad_model_folders_and_data_end_in_one_sentence(trained_run, env, tmp_pa
         assert "Traceback" not in result.stderr, name
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and key in errors[0], f"{name}: {result.stderr[-500:]}"
+
+
+@pytest.mark.slow
+def test_plain_timm_loads_model_dir_and_predicts_as_evaluate_py(trained_run, env, tmp_path):
+    """model/ is timm's own format: `local-dir:` builds the model at the run's 64 px (not the
+    architecture's 224) with its class names, and timm's data config and transform give
+    evaluate.py's predictions, image by image."""
+    import timm
+    import torch
+
+    ok(run("evaluate.py", ["--model_dir", str(trained_run / "model"), "--gradcam_images", "0",
+                           "--output_dir", str(tmp_path / "report")], env))
+    with open(tmp_path / "report/predictions.csv", newline="") as f:
+        expected = list(csv.DictReader(f))
+
+    model = timm.create_model(f"local-dir:{trained_run / 'model'}", pretrained=True).eval()
+    data_config = timm.data.resolve_model_data_config(model)
+    assert tuple(data_config["input_size"]) == (3, 64, 64)
+    transform = timm.data.create_transform(**data_config, is_training=False)
+    label_names = model.pretrained_cfg["label_names"]
+    assert label_names == list(CAT_BREEDS)
+    (images,) = {p.parent for p in Path(env["PET_PIPELINE_CACHE"]).rglob("images/Bengal_16.jpg")}
+    with torch.no_grad():
+        batch = torch.stack([transform(Image.open(images / f"{row['image_id']}.jpg").convert("RGB"))
+                             for row in expected])
+        probabilities = model(batch).softmax(dim=1)
+    assert len(expected) == 96
+    assert [label_names[i] for i in probabilities.argmax(dim=1)] == [row["predicted"] for row in expected]
+    # predictions.csv rounds the confidence to 4 digits
+    assert probabilities.max(dim=1).values.tolist() == pytest.approx(
+        [float(row["confidence"]) for row in expected], abs=1.1e-4)
+
+
+@pytest.mark.slow
+def test_the_run_writes_a_model_card_from_its_report(trained_run, env):
+    """model/README.md, the card that push_to_hub uploads with model/: YAML metadata for the
+    Hub, the test metrics and per-class tables of eval/metrics.json, the confusion matrix,
+    the data filter and split sizes, the training config, intended use and limits."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained_run / "model" / "README.md")
+    metrics = json.loads((trained_run / "eval/metrics.json").read_text())
+    config = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert card.data.library_name == "timm" and card.data.license and card.data.pipeline_tag
+    assert {"accuracy", "f1"} <= set(card.data.metrics)
+    assert not card.data.datasets  # generated data: no Hub dataset to name
+    (accuracy,) = [r for r in card.data.eval_results if r.metric_type == "accuracy"]
+    assert accuracy.dataset_split == "test" and accuracy.metric_value == round(metrics["accuracy"], 4)
+
+    text = card.text
+    assert f"| accuracy | {metrics['accuracy']:.4f} |" in text
+    assert f"| macro F1 | {metrics['macro_f1']:.4f} |" in text
+    for breed, row in metrics["per_class"].items():
+        assert (f"| {breed} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | "
+                f"{row['support']} |") in text
+    assert "](confusion_matrix.png)" in text
+    assert (trained_run / "model/confusion_matrix.png").read_bytes() == \
+        (trained_run / "eval/confusion_matrix.png").read_bytes()
+
+    sizes = dict(re.findall(r"^\| (train|val|test) \| (\d+) \|$", text, flags=re.M))
+    from conftest import annotation_ids
+
+    (trainval,) = Path(env["PET_PIPELINE_CACHE"]).rglob("annotations/trainval.txt")
+    cats = [i for i in annotation_ids(trainval) if i.rsplit("_", 1)[0] in CAT_BREEDS]
+    assert int(sizes["test"]) == metrics["n"]
+    assert int(sizes["train"]) + int(sizes["val"]) == len(cats) and int(sizes["val"]) > 0
+    assert f"`species: {config['species']}` ({len(CAT_BREEDS)} cat breeds)" in text
+    assert "generated images" in text and "trained from scratch" in text
+
+    config_block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    written = yaml.safe_load(config_block)
+    assert written == {k: v for k, v in config.items()
+                       if k not in ("data_dir", "pretrained_path", "output_dir", "resume")}
+    assert "## Intended use and limits" in text and 'timm.create_model("local-dir:' in text
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -16,6 +16,8 @@ its modules cache there). The scripts are the Hub's structure with scikit-learn 
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
@@ -30,22 +32,28 @@ def _import_evaluate_library():
 
     Python puts a script's folder first on sys.path, so under `python train.py` (or pytest
     from the project root) a plain `import evaluate` would find the project's CLI script
-    instead of the library. Import the library with the project root left out of the path.
+    instead of the library. The library is a package (`evaluate/__init__.py`), the script a
+    lone module file: take the first *package* named evaluate on sys.path, wherever this
+    package and the checkout lie (an editable install, a wheel in site-packages, a plain
+    checkout), without changing sys.path.
     """
-    import importlib
-    import sys
-
-    project_root = Path(__file__).resolve().parents[2]
     loaded = sys.modules.get("evaluate")
-    if loaded is not None and hasattr(loaded, "load"):
+    if loaded is not None and hasattr(loaded, "__path__"):  # the library, imported before
         return loaded
-    saved_path = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != project_root]
-    try:
-        sys.modules.pop("evaluate", None)
-        return importlib.import_module("evaluate")
-    finally:
-        sys.path[:] = saved_path
+    for entry in sys.path:
+        spec = importlib.machinery.PathFinder.find_spec("evaluate", [entry or os.curdir])
+        # has_location is False for a namespace package (a plain folder called evaluate/)
+        if spec is not None and spec.submodule_search_locations is not None and spec.has_location:
+            library = importlib.util.module_from_spec(spec)
+            sys.modules["evaluate"] = library  # before running it, as `import` does
+            try:
+                spec.loader.exec_module(library)
+            except BaseException:
+                sys.modules.pop("evaluate", None)
+                raise
+            return library
+    raise ModuleNotFoundError("pet_pipeline needs the Hugging Face `evaluate` library; "
+                              "pip install evaluate", name="evaluate")
 
 
 evaluate = _import_evaluate_library()
