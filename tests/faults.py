@@ -149,8 +149,8 @@ def _count_collectives() -> None:
 
 
 if __name__ == "__main__":
-    install(sys.argv[1].split(","))
     script = sys.argv[2]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # before the hooks import it
+    install(sys.argv[1].split(","))
     sys.argv = [script, *sys.argv[3:]]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
