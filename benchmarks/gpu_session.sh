@@ -4,7 +4,8 @@
 # then runs, each part under its own time limit so that a slow part can't take the others:
 #   1. gpu_throughput.py, the 10-epoch cats fine-tune (wall time, and train.py's own account
 #      of where it went): first, because no earlier session got to measure it
-#   2. gpu_throughput.py: model-only bound, bf16 train.py, old settings
+#   2. gpu_throughput.py: the model-only bound over batch 128/256/384 (fused AdamW, MFU),
+#      bf16 train.py with augment standard and strong, old settings
 #   3. input_pipeline.py with up to 15 workers
 #   4. loop_overhead.py on the GPU
 #   5. gpu_throughput.py, the torch.compile part
@@ -54,5 +55,5 @@ sample=.bench-sample  # the real Oxford sample, carried to the machine (not in g
 [ -d "$sample" ] && pick=(--sample-dir "$sample") || pick=(--generated)
 part input_pipeline 55 $py benchmarks/input_pipeline.py "${pick[@]}" --images 2000 --measure-images 1024 --workers 0 4 8 15 --work-dir /tmp/gpu-bench/input --json "$out/input_pipeline.json"
 part loop_overhead 80 $py benchmarks/loop_overhead.py --model coatnet_0_rw_224 --image-size 224 --batch-size 128 --mixed-precision bf16 --steps 25 --log-every 5 --num-workers 12 --images-per-class 200 --repeats 1 --json "$out/loop_overhead.json"
-part compile 95 $py benchmarks/gpu_throughput.py --skip eager old finetune --work-dir /tmp/gpu-bench --json "$out/gpu_throughput_compile.json"
+part compile 95 $py benchmarks/gpu_throughput.py --skip bound eager strong old finetune --work-dir /tmp/gpu-bench --json "$out/gpu_throughput_compile.json"
 true

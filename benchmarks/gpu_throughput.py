@@ -4,11 +4,15 @@
     python benchmarks/gpu_throughput.py --tiny                                   # CPU proof, ~3 min
 
 In one run, on the same GPU:
-  model_only   forward + backward + AdamW on random tensors already on the GPU (bf16 autocast,
-               channels_last): no data, no framework; the upper bound. Eager and compiled.
+  bound        forward + backward + fused AdamW on random tensors already on the GPU (bf16
+               autocast, channels_last) at batch 128/256/384, eager and with each compile
+               mode asked for: no data, no framework; the best is the upper bound, also as
+               MFU (26.4 GFLOP an image against the GPU's dense bf16 peak, PEAK_BF16_TFLOPS).
+  model_only   the same at --batch-size, eager and compiled.
   train.py     the real loop (`train.py --max_steps`), generated full-size JPEGs decoded and
-               augmented (augment standard) by DataLoader workers; images/s read back from
-               metrics.jsonl after the first logged interval. Eager and --compile true.
+               augmented (augment standard, then strong) by DataLoader workers; images/s
+               read back from metrics.jsonl after the first logged interval. Eager and
+               --compile true.
   old script   train.py with the old settings: fp32, batch 8, no workers, no augmentation,
                no channels_last.
   fine-tune    wall time of `python train.py` on the 12 cat breeds (10 epochs, validation each
@@ -35,19 +39,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def model_only(args, compile_model: bool) -> float:
+# Dense bf16 tensor-core peaks (NVIDIA data sheets, without sparsity), for the MFU figure.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
+# Forward + backward of coatnet_0_rw_224 at 224 px: 3 x its 4.4 GMACs x 2 FLOP a MAC.
+TRAIN_GFLOP_PER_IMAGE = {"coatnet_0_rw_224": 26.4}
+
+
+def peak_tflops(device_name: str) -> tuple[str, float] | None:
+    for name, tflops in PEAK_BF16_TFLOPS.items():
+        if name in device_name:
+            return name, tflops
+    return None
+
+
+def model_only(args, compile_model: bool, batch_size: int | None = None, mode: str | None = None) -> float:
+    """Images/s of forward + backward + fused AdamW on tensors already on the device."""
     import torch
 
     from pet_pipeline.model import build_model
 
+    batch_size = batch_size or args.batch_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.model, num_classes=12, pretrained=False, image_size=args.image_size)
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step_model = torch.compile(model) if compile_model else model
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step_model = torch.compile(model, mode=mode) if compile_model else model
+    images = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 12, (args.batch_size,), device=device)
+    labels = torch.randint(0, 12, (batch_size,), device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def step():
@@ -66,7 +85,27 @@ def model_only(args, compile_model: bool) -> float:
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return args.steps * args.batch_size / (time.perf_counter() - start)
+    return args.steps * batch_size / (time.perf_counter() - start)
+
+
+def bound_sweep(args, report) -> None:
+    """The model-only bound over batch sizes, eager and compiled (each compile mode asked
+    for): the best is the bound train.py is measured against. An out-of-memory batch is
+    recorded as such and the sweep goes on."""
+    import torch
+
+    modes = ["eager", *(args.compile_modes if "compile" not in args.skip else [])]
+    for batch_size in args.bound_batches:
+        for mode in modes:
+            name = f"bound_{mode}_b{batch_size}"
+            try:
+                report(name, model_only(args, mode != "eager", batch_size,
+                                        None if mode in ("eager", "default") else mode))
+            except torch.cuda.OutOfMemoryError:
+                print(f"{name}: out of memory", flush=True)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
 
 def train_py(args, extra: list[str], steps: int, out: Path) -> tuple[float, float]:
@@ -113,9 +152,14 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["eager", "compile", "old", "finetune"], help="parts to leave out")
+                        choices=["bound", "eager", "strong", "compile", "old", "finetune"],
+                        help="parts to leave out")
     parser.add_argument("--work-dir", default="runs/gpu-benchmark")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--bound-batches", type=int, nargs="*", default=[128, 256, 384],
+                        help="batch sizes of the model-only bound sweep (part 'bound')")
+    parser.add_argument("--compile-modes", nargs="*", default=["default", "max-autotune"],
+                        help="torch.compile modes of the bound sweep")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU proof: coatnet_nano at 64 px, few steps, small data")
     args = parser.parse_args()
@@ -125,6 +169,7 @@ def main() -> None:
         args.pre_resize = 80
         args.batch_size, args.steps, args.train_steps, args.old_steps = 16, 5, 20, 20
         args.warmup_steps, args.log_every, args.finetune_epochs = 2, 5, 2
+        args.bound_batches, args.compile_modes = [8, 16], ["default"]
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     workers = [] if args.num_workers is None else ["--num_workers", str(args.num_workers)]
@@ -152,9 +197,15 @@ def main() -> None:
                     f"s({args.images_per_class}, {args.source_size})"], env=env(args), cwd=ROOT, check=True)
     print(f"data ready in {time.perf_counter() - start:.0f} s")
 
+    if "bound" not in args.skip:
+        bound_sweep(args, report)
     if "eager" not in args.skip:
         report("model_only_eager", model_only(args, False))
         report("train_py_eager", train_py(args, ours, args.train_steps, work / "eager")[0])
+    if "strong" not in args.skip:  # the heavier augmentation preset, through the real loader
+        strong = [*ours]
+        strong[strong.index("standard")] = "strong"
+        report("train_py_strong", train_py(args, strong, args.train_steps, work / "strong")[0])
     if "old" not in args.skip:
         old = ["--batch_size", "8", "--mixed_precision", "no", "--num_workers", "0", "--augment", "none",
                "--channels_last", "false", "--log_every", "25" if not args.tiny else "5"]
@@ -187,7 +238,12 @@ def main() -> None:
         report("model_only_compiled", model_only(args, True))
         report("train_py_compiled", train_py(args, [*ours, "--compile", "true"], args.train_steps,
                                              work / "compiled")[0])
-    bound = max(figures.get("model_only_eager", 0), figures.get("model_only_compiled", 0))
+    bound = max([v for k, v in figures.items() if k.startswith(("model_only_", "bound_"))] or [0])
+    gflop = TRAIN_GFLOP_PER_IMAGE.get(args.model)
+    peak = peak_tflops(device)
+    if bound and gflop and peak:  # model FLOPs utilisation of the best bound
+        figures["mfu_peak"] = f"{peak[0]} dense bf16, {peak[1]:.0f} TFLOP/s"
+        report("bound_mfu_pct", 100 * bound * gflop / (peak[1] * 1e3), "%")
     best = max(figures.get("train_py_eager", 0), figures.get("train_py_compiled", 0))
     if bound and best:
         report("end_to_end_pct_of_bound", 100 * best / bound, "%")
