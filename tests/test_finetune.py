@@ -138,3 +138,22 @@ def test_head_epochs_train_the_classifier_first_then_everything_and_resume_exact
     resumed = load_file(str(list_checkpoints(out)[-1] / "model.safetensors"))
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_head_phase_under_two_processes(tmp_path, env, initial_weights):  # noqa: F811
+    """DDP expects a gradient for every parameter it knows; in the head phase the backbone
+    has none (train.py asks DDP to find unused parameters when head_epochs > 0)."""
+    import sys
+
+    out = tmp_path / "ddp"
+    env2 = {**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = run_train([*TINY, "--model", MODEL, "--pretrained_path", str(initial_weights),
+                        "--head_epochs", "1", "--epochs", "2", "--val_fraction", "0",
+                        "--output_dir", str(out)], env2,
+                       launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node", "2"))
+    assert_ok(result)
+    assert "2 process(es)" in result.stdout
+    final = load_file(str(out / "model/model.safetensors"))
+    assert len(backbone_moved(final, load_file(str(initial_weights)))) > 0
