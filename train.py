@@ -46,7 +46,7 @@ def train(config: Config, argv: list[str]) -> int:
     from pet_pipeline.checkpoint import Checkpointer, TrainState, check_same_split, load_checkpoint
     from pet_pipeline.config import to_dict
     from pet_pipeline.data import split_fingerprint
-    from pet_pipeline.optim import set_backbone_trainable, trains_backbone
+    from pet_pipeline.optim import freeze_batch_norm_statistics, set_backbone_trainable, trains_backbone
     from pet_pipeline.preemption import StopFlag, StopRequested
     from pet_pipeline.rundir import RunDirectory
     from pet_pipeline.tracking import (
@@ -141,6 +141,8 @@ def train(config: Config, argv: list[str]) -> int:
                                          freeze_backbone=config.freeze_backbone)
             set_backbone_trainable(parts.raw_model, full_model)
             model.train(full_model)
+            if config.freeze_bn_stats:  # small batches: keep the pretrained normalisation
+                freeze_batch_norm_statistics(model)
             for batch in batches:
                 images, targets = parts.device_transform(batch), batch["label"]  # uint8 -> float
                 if parts.channels_last:
@@ -412,7 +414,8 @@ def start_summary(config: Config, accelerator, pets, loaders, parts, plan, state
         + (", classifier only (frozen backbone)" if config.freeze_backbone else "")
         + (f", classifier only for {config.head_epochs} epoch(s), then everything"
            if config.head_epochs else "")
-        + (f", layer-wise lr decay {config.layer_decay:g}" if config.layer_decay else ""),
+        + (f", layer-wise lr decay {config.layer_decay:g}" if config.layer_decay else "")
+        + (", batch-norm statistics frozen" if config.freeze_bn_stats else ""),
         f"outputs: {config.output_dir}" + (
             f" ({'resuming' if plan.action == 'resume' else 're-evaluating'} from "
             f"{os.path.basename(plan.checkpoint)}, step {state.global_step})" if plan.checkpoint else ""),

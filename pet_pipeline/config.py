@@ -120,6 +120,11 @@ class Config:
     freeze_backbone: bool = _field(
         False, "Train only the classifier for the whole run: a linear probe on frozen features."
     )
+    freeze_bn_stats: bool = _field(
+        False, "Keep every batch norm in eval mode all run: it normalises with its pretrained "
+        "running statistics instead of those of each small batch, and leaves them as they are "
+        "(its scale and shift still train). For few images or small per-device batches."
+    )
     class_weights: str = _field("none", "Loss class weights: none or balanced (inverse frequency).")
     early_stopping_patience: int | None = _field(
         None, "Stop when validation accuracy has not improved for this many epochs."

@@ -103,3 +103,12 @@ def build_loss(*, label_smoothing: float, class_weights: torch.Tensor | None, mi
     """Cross-entropy; with mixup/cutmix the targets arrive as smoothed probabilities already."""
     return torch.nn.CrossEntropyLoss(weight=class_weights,
                                      label_smoothing=0.0 if mixing else label_smoothing)
+
+
+def freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
+    """Every batch norm (timm's BatchNormAct2d and SyncBatchNorm included) in eval mode: it
+    normalises with its running statistics and does not update them. Call after
+    `model.train()`, which puts them back in training mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()

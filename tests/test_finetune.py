@@ -71,6 +71,26 @@ def test_the_ema_of_a_short_run_follows_the_trained_weights_not_the_initial_ones
     assert build_ema(model, decay=None) is None
 
 
+def test_frozen_batch_norm_statistics_stay_pretrained_while_the_weights_train():
+    from pet_pipeline.optim import freeze_batch_norm_statistics
+
+    torch.manual_seed(0)
+    model = build_model("tf_efficientnet_lite0", num_classes=3, pretrained=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    freeze_batch_norm_statistics(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    images = torch.randn(4, 3, 64, 64) * 3 + 1  # statistics unlike the running ones
+    loss = torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    statistics = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert statistics and all(torch.equal(after[k], before[k]) for k in statistics)
+    assert not torch.equal(after["bn1.weight"], before["bn1.weight"])  # scale and shift still train
+    assert model.training and model.blocks.training  # only the norms left training mode
+
+
 @pytest.mark.parametrize("values, fragment", [
     ({"layer_decay": 0.0}, "layer_decay"),
     ({"layer_decay": 1.5}, "layer_decay"),
