@@ -78,7 +78,7 @@ def test_real_imagenet_weights_fine_tune_far_above_chance_and_above_from_scratch
     assert_ok(run_train([*SHORT_RECIPE, *head_epochs_for(6), "--pretrained", "false",
                          "--output_dir", str(scratch)], env))
     transferred, from_scratch = test_accuracy(pretrained), test_accuracy(scratch)
-    # 12 breeds: chance is 0.083. Measured: see docs/TRANSFER.md.
-    assert transferred >= 0.45, f"fine-tuned ImageNet weights reach only {transferred:.3f} on the cats"
-    assert transferred >= from_scratch + 0.25, (
+    # 12 breeds: chance is 0.083. Measured on a 2-core CPU: 0.672 and 0.115 (docs/TRANSFER.md).
+    assert transferred >= 0.5, f"fine-tuned ImageNet weights reach only {transferred:.3f} on the cats"
+    assert transferred >= from_scratch + 0.3, (
         f"ImageNet weights {transferred:.3f} vs from scratch {from_scratch:.3f}: transfer is lost")
