@@ -40,8 +40,9 @@ def head_epochs_for(epochs: int) -> list[str]:
     import yaml
 
     recipe = yaml.safe_load((REPO / "configs" / "gpu.yaml").read_text())
-    share = recipe.get("head_epochs", 0) / recipe["epochs"]
-    return ["--head_epochs", str(round(share * epochs))]
+    if not recipe.get("head_epochs"):
+        return []
+    return ["--head_epochs", str(max(1, round(recipe["head_epochs"] / recipe["epochs"] * epochs)))]
 
 
 @pytest.fixture(scope="module")
