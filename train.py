@@ -36,11 +36,17 @@ def train(config: Config, argv: list[str]) -> int:
 
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+        set_seed,
+    )
 
     from pet_pipeline.checkpoint import Checkpointer, TrainState, check_same_split, load_checkpoint
     from pet_pipeline.config import to_dict
     from pet_pipeline.data import split_fingerprint
+    from pet_pipeline.optim import freeze_batch_norm_statistics, set_backbone_trainable, trains_backbone
     from pet_pipeline.preemption import StopFlag, StopRequested
     from pet_pipeline.rundir import RunDirectory
     from pet_pipeline.tracking import (
@@ -70,7 +76,11 @@ def train(config: Config, argv: list[str]) -> int:
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     accelerator = Accelerator(
         # a frozen rank ends the job after this long in a collective (gloo raises, NCCL aborts)
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s)),
+            # the head phase leaves the backbone without gradients: DDP must not wait for them
+            DistributedDataParallelKwargs(find_unused_parameters=config.head_epochs > 0),
+        ],
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum_steps,
         log_with=trackers_for(config.report_to) or None,
@@ -131,7 +141,14 @@ def train(config: Config, argv: list[str]) -> int:
             if state.step_in_epoch:  # resuming mid-epoch: same order, skip what was done
                 batches = accelerator.skip_first_batches(train_loader, state.step_in_epoch)
                 batches.set_epoch(state.epoch)
-            model.train()
+            # LP-FT: in the head phase the backbone is frozen and in eval mode (its batch-norm
+            # statistics and drop path as pretrained), a linear probe on fixed features
+            full_model = trains_backbone(state.epoch, head_epochs=config.head_epochs,
+                                         freeze_backbone=config.freeze_backbone)
+            set_backbone_trainable(parts.raw_model, full_model)
+            model.train(full_model)
+            if config.freeze_bn_stats:  # small batches: keep the pretrained normalisation
+                freeze_batch_norm_statistics(model)
             for batch in batches:
                 images, targets = parts.device_transform(batch), batch["label"]  # uint8 -> float
                 if parts.channels_last:
@@ -160,7 +177,7 @@ def train(config: Config, argv: list[str]) -> int:
                     running_loss.move_into(state, accelerator)  # a host-device sync point
                     record = {"step": state.global_step, "epoch": state.epoch,
                               "train_loss": state.loss_sum / max(1, state.loss_count),
-                              "lr": optimizer.param_groups[0]["lr"],
+                              "lr": max(group["lr"] for group in optimizer.param_groups),  # the head's
                               "images_per_s": run_log.images_per_s(),
                               "time/elapsed_s": round(run_log.clock.elapsed(), 3)}
                     run_log.log(record)
@@ -330,10 +347,16 @@ def build_training(config: Config, accelerator, loaders, data_config: dict, *, r
 
     import torch
     from timm.data import Mixup
-    from timm.utils import ModelEmaV3
 
     from pet_pipeline.model import build_model
-    from pet_pipeline.optim import balanced_class_weights, build_loss, build_optimizer, build_scheduler
+    from pet_pipeline.optim import (
+        balanced_class_weights,
+        build_ema,
+        build_loss,
+        build_optimizer,
+        build_scheduler,
+        set_backbone_trainable,
+    )
     from pet_pipeline.transforms import DeviceTransform
 
     # resuming: the checkpoint replaces every weight, so the pretrained ones need not be at hand
@@ -347,7 +370,10 @@ def build_training(config: Config, accelerator, loaders, data_config: dict, *, r
     channels_last = config.channels_last and accelerator.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+    if config.freeze_backbone:  # before the optimizer and DDP: both see only the classifier
+        set_backbone_trainable(model, False)
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
+                                layer_decay=config.layer_decay)
     model, optimizer, loaders.train, loaders.test = accelerator.prepare(
         model, optimizer, loaders.train, loaders.test)
     if loaders.val is not None:
@@ -364,9 +390,7 @@ def build_training(config: Config, accelerator, loaders, data_config: dict, *, r
                      if config.class_weights == "balanced" else None)
     mixing = config.mixup > 0 or config.cutmix > 0
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # what is saved, averaged
-    # warmup: the decay grows with the step count, so a short run's EMA is not mostly the
-    # initial weights (decay 0.999 alone averages over ~1,000 steps)
-    ema = ModelEmaV3(raw_model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
+    ema = build_ema(raw_model, decay=config.ema_decay)  # warms up: sound for 30 steps or 30,000
     return SimpleNamespace(
         model=model, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, ema=ema,
         eval_model=ema.module if ema is not None else model,  # what validation and export use
@@ -397,7 +421,12 @@ def start_summary(config: Config, accelerator, pets, loaders, parts, plan, state
         f" {accelerator.num_processes} process(es) = {effective_batch} images per optimizer step;"
         f" {parts.steps_per_epoch} steps per epoch, {parts.total_steps} in all",
         f"model: {config.model} ({'pretrained' if config.pretrained else 'from scratch'}),"
-        f" input {state.data_config['input_size'][-1]} px",
+        f" input {state.data_config['input_size'][-1]} px"
+        + (", classifier only (frozen backbone)" if config.freeze_backbone else "")
+        + (f", classifier only for {config.head_epochs} epoch(s), then everything"
+           if config.head_epochs else "")
+        + (f", layer-wise lr decay {config.layer_decay:g}" if config.layer_decay else "")
+        + (", batch-norm statistics frozen" if config.freeze_bn_stats else ""),
         f"outputs: {config.output_dir}" + (
             f" ({'resuming' if plan.action == 'resume' else 're-evaluating'} from "
             f"{os.path.basename(plan.checkpoint)}, step {state.global_step})" if plan.checkpoint else ""),

@@ -104,7 +104,26 @@ class Config:
     mixup: float = _field(0.0, "Mixup alpha (0 = off).")
     cutmix: float = _field(0.0, "CutMix alpha (0 = off).")
     ema_decay: float | None = _field(
-        None, "Decay of an EMA of the weights (e.g. 0.999); evaluated and used for model selection."
+        None, "Largest decay of an EMA of the weights (e.g. 0.999), reached after ~30,000 steps: "
+        "it warms up as 1 - (1 + step)^(-2/3), so a run of tens of steps averages its last few "
+        "steps, not its initial weights. Evaluated and used for model selection."
+    )
+    layer_decay: float | None = _field(
+        None, "Layer-wise lr decay (timm): the classifier trains at lr, each layer group below it "
+        "at this factor times the one above (e.g. 0.8; null = one lr for all). How many groups "
+        "a model has is timm's: 18 for tf_efficientnet_lite0, 6 for coatnet_0_rw_224."
+    )
+    head_epochs: int = _field(
+        0, "LP-FT: train only the classifier on frozen features (backbone in eval mode) for this "
+        "many epochs, then everything (0 = off)."
+    )
+    freeze_backbone: bool = _field(
+        False, "Train only the classifier for the whole run: a linear probe on frozen features."
+    )
+    freeze_bn_stats: bool = _field(
+        False, "Keep every batch norm in eval mode all run: it normalises with its pretrained "
+        "running statistics instead of those of each small batch, and leaves them as they are "
+        "(its scale and shift still train). For few images or small per-device batches."
     )
     class_weights: str = _field("none", "Loss class weights: none or balanced (inverse frequency).")
     early_stopping_patience: int | None = _field(
@@ -204,6 +223,15 @@ def validate(c: Config) -> None:
         raise UserError(f"label_smoothing: {c.label_smoothing!r} must be in [0, 1).")
     if c.ema_decay is not None and not 0.0 < c.ema_decay < 1.0:
         raise UserError(f"ema_decay: {c.ema_decay!r} must be in (0, 1), e.g. 0.999, or null.")
+    if c.layer_decay is not None and not 0.0 < c.layer_decay <= 1.0:
+        raise UserError(f"layer_decay: {c.layer_decay!r} must be in (0, 1], e.g. 0.8, or null.")
+    _at_least("head_epochs", c.head_epochs, 0)
+    if c.freeze_backbone and c.head_epochs:
+        raise UserError("head_epochs: a head phase means nothing with freeze_backbone: true (the "
+                        "backbone never trains); set head_epochs: 0 or freeze_backbone: false.")
+    if c.head_epochs and c.head_epochs >= c.epochs:
+        raise UserError(f"head_epochs: {c.head_epochs} leaves none of the {c.epochs} epochs to "
+                        "fine-tune everything; use fewer, or freeze_backbone: true for a linear probe.")
     if (c.mixup > 0 or c.cutmix > 0) and c.batch_size % 2:
         raise UserError(f"batch_size: mixup/cutmix need an even batch size, not {c.batch_size}.")
     if c.scheduler == "plateau" and c.val_fraction == 0:

@@ -133,7 +133,9 @@ def compute_gradcams(model: torch.nn.Module, pixel_values: torch.Tensor, target_
         with torch.enable_grad(), GradCAM(model=model, target_layers=target_layers,
                                           reshape_transform=reshape_transform) as cam:
             for start in range(0, len(pixel_values), batch_size):
-                chunk = pixel_values[start:start + batch_size]
+                # an input that requires grad gives the activations a backward path even when
+                # no weight requires one (freeze_backbone: a frozen backbone's layers)
+                chunk = pixel_values[start:start + batch_size].detach().requires_grad_(True)
                 targets = [ClassifierOutputTarget(int(c)) for c in target_classes[start:start + batch_size]]
                 cams.append(cam(input_tensor=chunk, targets=targets))
     finally:

@@ -43,6 +43,12 @@ def build_model(
     """timm.create_model with a new `num_classes` head; never falls back to random weights.
 
     `pretrained_path` loads a local safetensors or PyTorch file (timm drops the old head).
+    On pretrained weights the new classifier starts at zero, so the first predictions are
+    uniform (loss ln K) and the first gradients come from the features, not from a random
+    head: timm initialises some heads at a scale meant for training from scratch
+    (EfficientNet's uniform +-1/sqrt(num_classes), +-0.29 for 12 classes, gives logits of
+    several units on ImageNet features, and a few dozen fine-tuning steps at lr 2e-4 can't
+    undo it). A zero start is what a linear probe (logistic regression) begins from too.
     """
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate,
                   **_size_kwargs(model_name, image_size))
@@ -51,12 +57,12 @@ def build_model(
     load_weights = pretrained or pretrained_path is not None
     try:
         try:
-            return timm.create_model(model_name, pretrained=load_weights, **kwargs)
+            model = timm.create_model(model_name, pretrained=load_weights, **kwargs)
         except TypeError as e:
             if "drop_path_rate" not in str(e):
                 raise
             kwargs.pop("drop_path_rate")  # families without stochastic depth: same call without it
-            return timm.create_model(model_name, pretrained=load_weights, **kwargs)
+            model = timm.create_model(model_name, pretrained=load_weights, **kwargs)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         if not load_weights:
             raise
@@ -70,6 +76,11 @@ def build_model(
             f"({str(e).splitlines()[0][:120]}); give a local file with pretrained_path, "
             "or train from scratch with pretrained: false."
         ) from None
+    if load_weights and num_classes > 0:
+        with torch.no_grad():
+            for parameter in model.get_classifier().parameters():
+                parameter.zero_()
+    return model
 
 
 def check_weights_available(model_name: str, *, pretrained: bool, pretrained_path: str | None) -> None:

@@ -11,10 +11,50 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 
-def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float):
-    """AdamW; timm leaves norms, biases and other 1-d parameters out of weight decay."""
+def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
+                    layer_decay: float | None = None):
+    """AdamW over the parameters that require a gradient; timm leaves norms, biases and other
+    1-d parameters out of weight decay. With `layer_decay`, timm groups the parameters by
+    depth (the model's `group_matcher`) and gives each group an `lr_scale` of
+    layer_decay^(groups above it), which timm's schedulers multiply into the lr."""
     return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay,
-                               filter_bias_and_bn=True)
+                               filter_bias_and_bn=True, layer_decay=layer_decay)
+
+
+def build_ema(model: torch.nn.Module, *, decay: float | None):
+    """timm's ModelEmaV3 of `model`, or None. The decay warms up as 1 - (1 + step)^(-2/3)
+    up to `decay` (0.9 after 30 steps, 0.99 after 1,000, 0.999 after ~31,600), so the EMA
+    of a run of tens of steps averages its last steps instead of staying near the initial
+    weights, as a fixed 0.999 would (0.999^60 = 94% initial weights after 60 steps). Call
+    `update(model, step=global_step)` after each optimizer step."""
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True) if decay else None
+
+
+# ------------------------------------------------------------------ head phase and frozen backbone
+# freeze_backbone freezes the backbone before the optimizer is built: the optimizer, and DDP,
+# know only the classifier. head_epochs (LP-FT, Kumar et al., ICLR 2022) builds one optimizer
+# over every parameter for the whole run. While the backbone is frozen its parameters have
+# requires_grad False: they get no gradient, so AdamW neither moves nor decays them nor keeps
+# moments for them (it skips a None grad). The parameter groups are the same in both phases,
+# so a checkpoint of either loads into the optimizer a resumed run builds; and the phase is a
+# function of the epoch alone, so a resumed run is in the phase the uninterrupted one is in.
+# Under DDP the head phase needs find_unused_parameters (train.py sets it when head_epochs > 0).
+
+
+def trains_backbone(epoch: int, *, head_epochs: int, freeze_backbone: bool) -> bool:
+    """Whether epoch `epoch` (0-based) trains the whole model or only the classifier."""
+    return not freeze_backbone and epoch >= head_epochs
+
+
+def set_backbone_trainable(model: torch.nn.Module, trainable: bool) -> None:
+    """requires_grad on every parameter but the classifier's (timm's `get_classifier()`),
+    which always trains. Pass the unwrapped model."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(trainable)
+    for parameter in model.get_classifier().parameters():
+        parameter.requires_grad_(True)
 
 
 def build_scheduler(optimizer, *, name: str, total_steps: int, warmup_steps: int, min_lr: float,
@@ -63,3 +103,12 @@ def build_loss(*, label_smoothing: float, class_weights: torch.Tensor | None, mi
     """Cross-entropy; with mixup/cutmix the targets arrive as smoothed probabilities already."""
     return torch.nn.CrossEntropyLoss(weight=class_weights,
                                      label_smoothing=0.0 if mixing else label_smoothing)
+
+
+def freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
+    """Every batch norm (timm's BatchNormAct2d and SyncBatchNorm included) in eval mode: it
+    normalises with its running statistics and does not update them. Call after
+    `model.train()`, which puts them back in training mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()

