@@ -124,11 +124,15 @@ def _kill_loader_workers() -> None:
     nothing once Python is exiting); multiprocessing's own exit hook then sends SIGTERM to
     each daemonic child and waits for it, which would wait forever on a worker that ignores
     SIGTERM. atexit runs hooks last-registered first, so this runs before that one. The
-    workers hold nothing to save: they only read images."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(timeout=5)
+    workers hold nothing to save: they only read images. torch's SIGCHLD handler, which
+    raises 'DataLoader worker ... is killed' as each one dies, is set back to the default
+    first: raised in here, it left the other workers alive."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout=5)
 
 
 _kill_at_exit_registered = False

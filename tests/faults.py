@@ -5,8 +5,9 @@
 Faults:
     kill-at-commit:N   SIGKILL this process at the N-th rename of a finished `.tmp-step_*`
                        checkpoint into place (for a re-save: after the old one moved aside)
-    sigterm-at-step:K  send this process a real SIGTERM when the loop asks about stopping
-                       for the K-th time (once per optimizer step)
+    sigterm-at-step:K  send this process a real SIGTERM when the loop or an evaluation asks
+                       about stopping for the K-th time (after each optimizer step and each
+                       evaluation batch)
     enospc-at-save:N   the N-th checkpoint save writes part of a file, then fails with
                        OSError(ENOSPC), as on a full disk
     sigterm-in-data:S  a real SIGTERM as the data starts loading, which then takes S seconds
@@ -61,15 +62,22 @@ def _kill_at_commit(n: int) -> None:
 def _sigterm_at_step(k: int) -> None:
     from pet_pipeline.preemption import StopFlag
 
-    original, seen = StopFlag.check, [0]
+    check, poll, seen = StopFlag.check, StopFlag.poll, [0]
 
-    def check(self, accelerator, step):
+    def asked():
         seen[0] += 1
         if seen[0] == k:
             os.kill(os.getpid(), signal.SIGTERM)  # the real handler sets the flag
-        return original(self, accelerator, step)
 
-    StopFlag.check = check
+    def counted_check(self, accelerator, step):  # after each optimizer step
+        asked()
+        return check(self, accelerator, step)
+
+    def counted_poll(self, accelerator, batch):  # after each evaluation batch
+        asked()
+        return poll(self, accelerator, batch)
+
+    StopFlag.check, StopFlag.poll = counted_check, counted_poll
 
 
 def _enospc_at_save(n: int) -> None:

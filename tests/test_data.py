@@ -763,10 +763,12 @@ def test_a_process_with_loader_workers_still_alive_exits(tmp_path):
         "print('one batch read', flush=True)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    try:
-        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                                env=env, timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the process hung at exit, waiting for loader workers that ignore SIGTERM")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "one batch read" in result.stdout
+    for _ in range(3):  # the workers die in any order during the exit: a race, so a few runs
+        try:
+            result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                                    env=env, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the process hung at exit, waiting for loader workers that ignore SIGTERM")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "one batch read" in result.stdout
+        assert "Exception ignored in atexit" not in result.stderr, result.stderr[-2000:]
