@@ -14,6 +14,9 @@ What `begin` decides, from what the folder holds:
   (logging, workers, checkpoint cadence, a larger `epochs` or `max_steps`) are accepted;
 - `resume: none` where a run is: refused; `resume: overwrite` moves that run aside first.
 
+A resumed checkpoint puts model/ back as it was when the checkpoint was saved (its
+best_model/, where it has one), so that model/ goes with the state it continues from.
+
 config.yaml is written by the start that creates the run and never rewritten; every start
 appends a line to starts.jsonl (when, where, what it did, which keys it changed).
 
@@ -45,6 +48,7 @@ from pet_pipeline.checkpoint import (
     list_checkpoints,
     read_train_state,
     recover_leftovers,
+    restore_best_model,
     verify_checkpoint,
 )
 from pet_pipeline.errors import UserError
@@ -76,6 +80,9 @@ class StartPlan:
     step: int | None = None  # the checkpoint's global step
     messages: list[str] = field(default_factory=list)  # printed once, before the summary
     changed: dict = field(default_factory=dict)  # key -> [run's value, this start's value]
+    # the checkpoint was saved before the validation of its step: the records that validation
+    # (and a report after it) left in metrics.jsonl came after the checkpoint
+    before_validation: bool = False
 
 
 def config_changes(before: dict, after: dict) -> tuple[dict, dict]:
@@ -208,17 +215,28 @@ class RunDirectory:
                         f"{_describe(refused)}, which change what is trained; rerun with the run's own "
                         f"values (its {STATE_FILE} and {CONFIG_FILE}) to continue it, or start a new run "
                         "with another output_dir or resume: overwrite.")
+                if resume == "auto" and restore_best_model(checkpoint, self.path / "model"):
+                    plan.messages.append(f"model/: back to the best weights as of {checkpoint.name} "
+                                         "(those exported after it, by the validation that followed it, "
+                                         "are replaced)")
                 plan.checkpoint, plan.step, plan.changed = str(checkpoint), state.global_step, accepted
-                finished = state.finished(epochs=config.epochs, max_steps=config.max_steps)
-                plan.action = "re-evaluate" if finished else "resume"
+                plan.before_validation = state.validation_due
+                trained = state.trained(epochs=config.epochs, max_steps=config.max_steps)
+                plan.action = "re-evaluate" if trained else "resume"
                 if accepted:
                     plan.messages.append(f"config: accepted changes that keep what was trained: "
                                          f"{_describe(accepted)}")
-                if finished:
+                if trained:
                     longer = ("it stopped early (early stopping)" if state.early_stopped
                               else "to train longer, raise epochs or max_steps")
-                    plan.messages.append(f"output_dir: {self.path} holds a finished run (step "
-                                         f"{state.global_step}); re-evaluating it ({longer}).")
+                    if state.validation_due:  # saved before its last validation; stopped during it?
+                        plan.messages.append(
+                            f"output_dir: {self.path} holds a run trained to its end (step "
+                            f"{state.global_step}) whose checkpoint comes before its last validation; "
+                            f"validating and re-evaluating it ({longer}).")
+                    else:
+                        plan.messages.append(f"output_dir: {self.path} holds a finished run (step "
+                                             f"{state.global_step}); re-evaluating it ({longer}).")
         if plan.action == "new":
             if resume == "auto" and (self.path / CONFIG_FILE).is_file():
                 plan.messages.append(f"output_dir: {self.path} holds no checkpoint of the earlier start "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pet_pipeline.checkpoint import (
     TrainState,
@@ -45,8 +46,12 @@ TINY = {
 
 
 def cli(values: dict) -> list[str]:
-    return [arg for key, value in values.items() for arg in (f"--{key}", str(value).lower()
-                                                             if isinstance(value, bool) else str(value))]
+    def text(value):
+        if isinstance(value, bool):
+            return str(value).lower()
+        return ",".join(value) if isinstance(value, list) else str(value)
+
+    return [arg for key, value in values.items() for arg in (f"--{key}", text(value))]
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +202,74 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run_copy)
     assert discarded == ["step_00000003", "step_00000004"]
     # the next default start continues this lineage, not the old step 4
     assert Path(begin(run_copy, max_steps=6).checkpoint).name == "step_00000002"
+
+
+# --------------------------------------------------------------------------- the last validation
+
+# 4 cat breeds x 8 trainval images, a quarter held out: 3 steps an epoch, one validation batch;
+# the plateau schedule and early stopping keep count of the validations
+VALIDATED = {**TINY, "breeds": ["Abyssinian", "Bengal", "Birman", "Bombay"], "val_fraction": 0.25,
+             "scheduler": "plateau", "warmup_epochs": 0, "early_stopping_patience": 3, "epochs": 3}
+
+
+@pytest.fixture(scope="module")
+def validated_run(tmp_path_factory, env):
+    """Uninterrupted, max_steps 5: epoch 0 (steps 1-3) validated at its end, epoch 1 cut short
+    by max_steps at step 5 and validated there; checkpoints of steps 3 and 5."""
+    out = tmp_path_factory.mktemp("validated") / "run"
+    ok(run_train({**VALIDATED, "max_steps": 5, "output_dir": out}, env))
+    return out
+
+
+def assert_same_end(out: Path, reference: Path) -> None:
+    """The same validations, model selection, schedule, model/ and test report as `reference`."""
+    def validations(run):
+        return [(r["step"], r["epoch"], r["val_accuracy"]) for r in read_metrics(run / "metrics.jsonl")
+                if "val_accuracy" in r]
+
+    def bookkeeping(run):
+        state = read_train_state(list_checkpoints(run)[-1])
+        return {key: state[key] for key in ("global_step", "epoch", "step_in_epoch", "best_accuracy",
+                                            "epochs_since_best", "early_stopped", "scheduler")}
+
+    assert validations(out) == validations(reference)
+    assert bookkeeping(out) == bookkeeping(reference)
+    mine, theirs = (load_file(str(run / "model" / "model.safetensors")) for run in (out, reference))
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6)
+    test = [json.loads((run / "eval" / "metrics.json").read_text()) for run in (out, reference)]
+    assert test[0]["accuracy"] == test[1]["accuracy"] and test[0]["n"] == test[1]["n"]
+
+
+@pytest.mark.slow
+def test_a_stop_during_the_last_validation_is_completed_by_the_rerun(validated_run, tmp_path, env):
+    """SIGTERM during the validation of the epoch that max_steps cuts short (the 6th time the
+    run asks about stopping: steps 1-3, epoch 0's validation batch, step 4, then that
+    validation): step 5's training is kept in a checkpoint, and the rerun validates and
+    reports without training again, ending as the uninterrupted run did."""
+    out = tmp_path / "run"
+    values = {**VALIDATED, "max_steps": 5, "output_dir": out}
+    stopped = run_train(values, env, faults="sigterm-at-step:6")
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert "epoch 0: val accuracy" in stopped.stdout and "epoch 1: val accuracy" not in stopped.stdout
+    assert read_train_state(list_checkpoints(out)[-1])["global_step"] == 5, "step 5 was not kept"
+    rerun = ok(run_train(values, env))
+    assert "validating and re-evaluating" in rerun.stdout, rerun.stdout[-2000:]
+    assert "step 5/5" not in rerun.stdout, "the rerun trained again"
+    assert_same_end(out, validated_run)
+
+
+@pytest.mark.slow
+def test_a_larger_max_steps_validates_the_cut_short_epoch_once(validated_run, tmp_path, env):
+    """max_steps 4 cuts epoch 1 short and validates it at step 4; max_steps 5 then continues that
+    epoch: the validation at step 4 no longer counts (patience, the plateau schedule, the choice
+    of model/, metrics.jsonl), and the run ends as the one given max_steps 5 from the start."""
+    out = tmp_path / "run"
+    first = ok(run_train({**VALIDATED, "max_steps": 4, "output_dir": out}, env))
+    assert "epoch 1: val accuracy" in first.stdout  # the cut-short epoch, validated at step 4
+    ok(run_train({**VALIDATED, "max_steps": 5, "output_dir": out}, env))
+    assert_same_end(out, validated_run)
 
 
 # --------------------------------------------------------------------------- verification
