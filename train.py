@@ -117,7 +117,7 @@ def train(config: Config, argv: list[str]) -> int:
                        split=split_id)
     checkpointer = Checkpointer(accelerator, run_dir.path, ema=ema, keep=config.keep_checkpoints)
     if plan.checkpoint:
-        state = load_checkpoint(accelerator, plan.checkpoint, ema=ema)
+        state = load_checkpoint(accelerator, plan.checkpoint, ema=ema, model_dir=run_dir.path / "model")
         check_same_split(state, split_id, checkpoint=plan.checkpoint)
         checkpointer.mark_saved(state)
         if state.scheduler is not None:

@@ -204,6 +204,14 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run_copy)
     assert Path(begin(run_copy, max_steps=6).checkpoint).name == "step_00000002"
 
 
+def test_a_refused_start_from_an_earlier_checkpoint_moves_nothing(run_copy):
+    earlier = run_copy / "checkpoints" / "step_00000002"
+    with pytest.raises(UserError, match="lr 0.002 -> 0.001"):
+        begin(run_copy, resume=str(earlier), lr=1e-3)
+    assert [p.name for p in list_checkpoints(run_copy)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+    assert not (run_copy / "checkpoints-discarded").exists() and (run_copy / "model").is_dir()
+
+
 # --------------------------------------------------------------------------- the last validation
 
 # 4 cat breeds x 8 trainval images, a quarter held out: 3 steps an epoch, one validation batch;
@@ -270,6 +278,48 @@ def test_a_larger_max_steps_validates_the_cut_short_epoch_once(validated_run, tm
     assert "epoch 1: val accuracy" in first.stdout  # the cut-short epoch, validated at step 4
     ok(run_train({**VALIDATED, "max_steps": 5, "output_dir": out}, env))
     assert_same_end(out, validated_run)
+
+
+def test_going_back_to_an_earlier_checkpoint_moves_the_later_results_aside(validated_run, tmp_path):
+    """resume: PATH to step 3 (epoch 0's end, whose validation chose model/): what steps 4-5
+    wrote outside their checkpoint (model/ from step 5's validation, the test report, the
+    curves, summary.csv) goes aside with them, and model/ holds step 3's weights again."""
+    run = tmp_path / "run"
+    shutil.copytree(validated_run, run)
+    (run / ".lock").unlink(missing_ok=True)
+    later = {name: (run / name).read_bytes() for name in
+             ("model/model.safetensors", "eval/metrics.json", "training_curves.png", "summary.csv")}
+    earlier = run / "checkpoints" / "step_00000003"
+    values = {**VALIDATED, "max_steps": 5, "output_dir": str(run), "resume": str(earlier)}
+    plan = RunDirectory(run).begin(build_config(values), num_processes=1, argv=[])
+    (aside,) = (run / "checkpoints-discarded").iterdir()
+    assert not (run / "eval").exists() and not (run / "training_curves.png").exists()
+    for name, content in later.items():  # moved, not deleted
+        assert (aside / name).read_bytes() == content, name
+    assert [p.name for p in aside.glob("step_*")] == ["step_00000005"]
+    assert (aside / "metrics.jsonl").is_file()  # a copy: the resumed run trims its own
+    (line,) = [m for m in plan.messages if m.startswith("moved")]
+    assert all(name in line for name in ("1 newer checkpoint(s)", "model/", "eval/", str(aside))), line
+    assert "model/ holds its best weights as of step_00000003 again" in line
+    restored = load_file(str(run / "model" / "model.safetensors"))
+    at_step_3 = load_file(str(earlier / "model.safetensors"))  # no EMA: what step 3 validated
+    assert restored.keys() == at_step_3.keys()
+    assert all(torch.equal(restored[key], at_step_3[key]) for key in restored)
+    assert plan.action == "resume" and Path(plan.checkpoint) == earlier
+
+
+def test_going_back_to_a_checkpoint_without_best_model_says_model_is_chosen_anew(validated_run, tmp_path):
+    """A checkpoint of an earlier pet-pipeline keeps no best_model/: model/ still goes aside."""
+    run = tmp_path / "run"
+    shutil.copytree(validated_run, run)
+    (run / ".lock").unlink(missing_ok=True)
+    earlier = run / "checkpoints" / "step_00000003"
+    shutil.rmtree(earlier / "best_model")
+    values = {**VALIDATED, "max_steps": 5, "output_dir": str(run), "resume": str(earlier)}
+    plan = RunDirectory(run).begin(build_config(values), num_processes=1, argv=[])
+    (line,) = [m for m in plan.messages if m.startswith("moved")]
+    assert "keeps no copy of its best weights" in line and "next validation" in line, line
+    assert not (run / "model").exists()
 
 
 # --------------------------------------------------------------------------- verification
