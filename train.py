@@ -93,7 +93,8 @@ def train(config: Config, argv: list[str]) -> int:
     )
     check_launch(accelerator)  # every process of the launch joined this one job
     plan = decide_start(accelerator, run_dir, config, argv)  # new, resume or re-evaluate
-    run_log = RunLog(accelerator, run_dir.path / "metrics.jsonl", resume_step=plan.step, clock=clock)
+    run_log = RunLog(accelerator, run_dir.path / "metrics.jsonl", resume_step=plan.step,
+                     before_validation=plan.before_validation, clock=clock)
     if run_dir.took_over:
         run_log.print(f"took over the lock of process {run_dir.took_over.get('pid')} on "
                       f"{run_dir.took_over.get('host')}, which is no longer running")
@@ -116,7 +117,7 @@ def train(config: Config, argv: list[str]) -> int:
                        split=split_id)
     checkpointer = Checkpointer(accelerator, run_dir.path, ema=ema, keep=config.keep_checkpoints)
     if plan.checkpoint:
-        state = load_checkpoint(accelerator, plan.checkpoint, ema=ema)
+        state = load_checkpoint(accelerator, plan.checkpoint, ema=ema, model_dir=run_dir.path / "model")
         check_same_split(state, split_id, checkpoint=plan.checkpoint)
         checkpointer.mark_saved(state)
         if state.scheduler is not None:
@@ -138,7 +139,9 @@ def train(config: Config, argv: list[str]) -> int:
         while not state.finished(epochs=config.epochs, max_steps=config.max_steps):
             train_loader.set_epoch(state.epoch)
             batches = train_loader
-            if state.step_in_epoch:  # resuming mid-epoch: same order, skip what was done
+            if state.validation_due and state.trained(epochs=config.epochs, max_steps=config.max_steps):
+                batches = []  # saved before its last validation (a stop during it): that comes next
+            elif state.step_in_epoch:  # resuming mid-epoch: same order, skip what was done
                 batches = accelerator.skip_first_batches(train_loader, state.step_in_epoch)
                 batches.set_epoch(state.epoch)
             # LP-FT: in the head phase the backbone is frozen and in eval mode (its batch-norm
@@ -189,13 +192,20 @@ def train(config: Config, argv: list[str]) -> int:
                     save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
                 stop.check(accelerator, state.global_step)  # StopRequested, on every rank
             running_loss.move_into(state, accelerator)  # a non-finite loss stops here, not in model/
+            ended = state.step_in_epoch >= len(train_loader)  # else max_steps cut the epoch short
             if loaders.val is not None:
+                if not ended and not state.validation_due:
+                    # checkpointed before its validation, which a larger max_steps must not count
+                    # (the epoch is validated at its end) and a stop during it must not lose
+                    state.validation_due_at = state.global_step
+                    save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
                 validate_and_select(config, accelerator, parts, loaders.val, state, run_log,
                                     stop=stop, class_names=class_names, data_config=data_config)
             run_log.write_summary()  # summary.csv: a row per epoch, beside metrics.jsonl
-            if state.step_in_epoch >= len(train_loader):  # the epoch ran to its end
+            if ended:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
+            if ended or loaders.val is None:  # (a cut-short epoch was saved before its validation)
+                save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
         final_report(config, accelerator, parts, loaders, pets, state, run_log, stop=stop,
                      class_names=class_names, data_config=data_config)
     except (FloatingPointError, RuntimeError) as error:  # a loss that blew up, a frozen rank
@@ -458,6 +468,7 @@ def validate_and_select(config: Config, accelerator, parts, val_loader, state, r
     from pet_pipeline.model import export_model
     from pet_pipeline.preemption import StopRequested
 
+    state.validation_due_at = state.global_step  # a stop from here on saves a checkpoint to validate
     with run_log.phase("validation"):
         predictions = predict(parts.eval_model, val_loader, accelerator,
                               should_stop=lambda batch: stop.poll(accelerator, batch))
@@ -482,6 +493,7 @@ def validate_and_select(config: Config, accelerator, parts, val_loader, state, r
     if patience is not None and state.epochs_since_best >= patience:
         run_log.print(f"early stopping: no improvement for {patience} epoch(s)")
         state.early_stopped = True
+    state.validation_due_at = None
 
 
 def final_report(config: Config, accelerator, parts, loaders, pets, state, run_log, *, stop,

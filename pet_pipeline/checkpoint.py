@@ -3,15 +3,20 @@
     output_dir/checkpoints/step_00000120/   model, optimizer, RNG states (Accelerate),
                                             train_state.json (TrainState: position, model
                                             selection, schedule, W&B run id, what was
-                                            trained), ema.safetensors (when EMA is on)
+                                            trained), ema.safetensors (when EMA is on),
+                                            best_model/ (model/'s weights and config.json
+                                            as of this step, once a validation chose some:
+                                            hard links, copies where links fail)
 
 A checkpoint is written to `.tmp-step_N`, flushed to disk (fsync) and renamed into place;
 only then are older ones rotated away, so the newest complete checkpoint always survives.
 Saving a step that already has a checkpoint moves the old folder to `.replaced-step_N`
 first; `recover_leftovers` (run at every start) puts it back if the save was killed in
 between and removes any `.tmp-` folder. A resume verifies a checkpoint before trusting it
-(`verify_checkpoint`). Nothing is unpickled: the model is safetensors, our state is JSON,
-and Accelerate's files are loaded with weights_only=True.
+(`verify_checkpoint`). best_model/ lets a start that goes back to a checkpoint (a larger
+max_steps undoing the validation of an epoch it had cut short, `resume: PATH`) put model/
+back as it was then (`restore_best_model`). Nothing is unpickled: the model is safetensors,
+our state is JSON, and Accelerate's files are loaded with weights_only=True.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from pet_pipeline.errors import UserError
 
 STATE_FILE = "train_state.json"
 EMA_FILE = "ema.safetensors"
+BEST_DIR = "best_model"  # model/ as of the checkpoint: the best weights chosen on validation so far
+EXPORT_FILES = ("model.safetensors", "config.json")  # what export_model writes into model/
 MODEL_FILE = "model.safetensors"  # Accelerate's name for the first prepared model
 OPTIMIZER_FILE = "optimizer.bin"
 RNG_FILE = "random_states_{}.pkl"  # one per process
@@ -57,6 +64,11 @@ class TrainState:
     best_accuracy: float | None = None  # on validation, for model selection
     epochs_since_best: int = 0
     early_stopped: bool = False
+    # the step at which training stopped for a validation not yet made: set while validating
+    # (a stop then saves a checkpoint that validates first) and in the checkpoint taken before
+    # the validation of an epoch that max_steps cut short (a larger max_steps goes on from there
+    # instead, so that the epoch is validated once, at its end)
+    validation_due_at: int | None = None
     loss_sum: float = 0.0  # training loss not yet logged: summed means over micro-batches
     loss_count: int = 0
     scheduler: dict | None = None  # plateau's state (cosine and constant follow the step)
@@ -70,10 +82,19 @@ class TrainState:
     config: dict | None = None  # the run's config as of this checkpoint
     ema: bool = False
 
-    def finished(self, *, epochs: int, max_steps: int | None) -> bool:
-        """Done with training under these limits (a larger epochs or max_steps continues)."""
+    def trained(self, *, epochs: int, max_steps: int | None) -> bool:
+        """No training step left under these limits (a larger epochs or max_steps continues)."""
         return (self.early_stopped or self.epoch >= epochs
                 or (max_steps is not None and self.global_step >= max_steps))
+
+    @property
+    def validation_due(self) -> bool:
+        """Training stopped here for a validation that has not been made."""
+        return self.validation_due_at == self.global_step
+
+    def finished(self, *, epochs: int, max_steps: int | None) -> bool:
+        """Trained and validated under these limits: only the final report is left."""
+        return self.trained(epochs=epochs, max_steps=max_steps) and not self.validation_due
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,6 +195,23 @@ def verify_checkpoint(checkpoint: Path) -> str | None:
                 torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # truncated, garbage, unreadable: each library has its own error
             return f"{path.name} can't be read ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    if (checkpoint / BEST_DIR).exists():
+        return _verify_best_model(checkpoint / BEST_DIR)
+    return None
+
+
+def _verify_best_model(best: Path) -> str | None:
+    from safetensors import safe_open
+
+    for name in EXPORT_FILES:
+        if not (best / name).is_file():
+            return f"{BEST_DIR}/{name} is missing"
+    try:
+        with safe_open(str(best / EXPORT_FILES[0]), "pt") as f:
+            f.keys()
+        json.loads((best / EXPORT_FILES[1]).read_text())
+    except Exception as e:
+        return f"{BEST_DIR} can't be read ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
     return None
 
 
@@ -212,7 +250,9 @@ def normal_permissions(folder: Path) -> None:
 def _fsync_tree(folder: Path) -> None:
     normal_permissions(folder)
     for path in folder.iterdir():
-        if path.is_file():
+        if path.is_dir():
+            _fsync_tree(path)  # best_model/
+        elif path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -257,6 +297,7 @@ class Checkpointer:
     def __init__(self, accelerator, output_dir: str | Path, *, ema=None, keep: int = 2):
         self.accelerator, self.ema, self.keep = accelerator, ema, keep
         self.folder = checkpoints_dir(output_dir)
+        self.model_dir = Path(output_dir) / "model"  # the best weights so far (export_model)
         self._last_saved: dict | None = None
 
     def mark_saved(self, state: TrainState) -> None:
@@ -289,6 +330,8 @@ class Checkpointer:
                     if self.ema is not None:
                         save_file({k: v.detach().cpu().contiguous()
                                    for k, v in self.ema.state_dict().items()}, str(tmp / EMA_FILE))
+                    if state.best_accuracy is not None and (self.model_dir / EXPORT_FILES[0]).is_file():
+                        keep_best_model(self.model_dir, tmp / BEST_DIR)
                     (tmp / STATE_FILE).write_text(json.dumps(values, indent=2))  # last: marks complete
             except Exception as e:  # OSError; torch's RuntimeError; SafetensorError on a full disk
                 error = e
@@ -349,16 +392,76 @@ class Checkpointer:
         return found[-1] if found else None
 
 
+# ----------------------------------------------------------------------------- model/ as of a checkpoint
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no space, no time: export_model replaces model/'s files, never rewrites
+    them), or a copy where the filesystem refuses links."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def keep_best_model(model_dir: Path, target: Path) -> None:
+    """model/'s weights and config.json into a checkpoint being written (best_model/)."""
+    target.mkdir()
+    for name in EXPORT_FILES:
+        _link_or_copy(model_dir / name, target / name)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    import filecmp
+
+    if not (a.is_file() and b.is_file()):
+        return False
+    return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
+
+
+def restore_best_model(checkpoint: str | Path, model_dir: str | Path) -> bool | None:
+    """Put model/'s weights and config.json back as they were when `checkpoint` was saved.
+
+    True when model/ held others (exported after the checkpoint) and was changed, False when it
+    matched, None when the checkpoint keeps no best_model/ (no validation had chosen weights
+    yet, or it was written by an earlier pet-pipeline). Main process, with the run's lock."""
+    best, model_dir = Path(checkpoint) / BEST_DIR, Path(model_dir)
+    if not (best / EXPORT_FILES[0]).is_file():
+        return None
+    if all(_same_file(best / name, model_dir / name) for name in EXPORT_FILES):
+        return False
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        for name in EXPORT_FILES:  # each aside then renamed into place, weights first
+            tmp = model_dir / f".{name}.restore"
+            tmp.unlink(missing_ok=True)
+            _link_or_copy(best / name, tmp)
+            tmp.replace(model_dir / name)
+    except OSError as e:
+        raise UserError(f"model/: the best weights of {Path(checkpoint).name} could not be put back "
+                        f"in {model_dir} ({os.strerror(e.errno or 0).lower()}); free some space (or fix "
+                        "the folder) and rerun the same command.") from None
+    return True
+
+
 # ----------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(accelerator, checkpoint: str | Path, *, ema=None) -> TrainState:
-    """Restore model, optimizer, RNG (Accelerate) and EMA; return the loop's state."""
+def load_checkpoint(accelerator, checkpoint: str | Path, *, ema=None,
+                    model_dir: str | Path | None = None) -> TrainState:
+    """Restore model, optimizer, RNG (Accelerate) and EMA; return the loop's state.
+
+    With `model_dir`: a best validation accuracy whose weights are not in model_dir (moved
+    aside with a discarded lineage by a checkpoint that kept no best_model/, or deleted) is
+    forgotten, so that the next validation exports its weights instead of none."""
     checkpoint = Path(checkpoint)
     accelerator.load_state(str(checkpoint))
     if ema is not None and (checkpoint / EMA_FILE).is_file():
         ema.load_state_dict(load_file(str(checkpoint / EMA_FILE)))
-    return TrainState().load_state_dict(read_train_state(checkpoint))
+    state = TrainState().load_state_dict(read_train_state(checkpoint))
+    if model_dir is not None and not (Path(model_dir) / EXPORT_FILES[0]).is_file():
+        state.best_accuracy = None
+    return state
 
 
 def check_same_split(state: TrainState, split: str, *, checkpoint: Path) -> None:

@@ -12,7 +12,12 @@ What `begin` decides, from what the folder holds:
   passes verification (`resume: auto`), or re-evaluate it when it is finished;
 - a different config: keys that change what is trained are refused, naming them; the others
   (logging, workers, checkpoint cadence, a larger `epochs` or `max_steps`) are accepted;
-- `resume: none` where a run is: refused; `resume: overwrite` moves that run aside first.
+- `resume: none` where a run is: refused; `resume: overwrite` moves that run aside first;
+- `resume: PATH` to an earlier checkpoint of the run: the later lineage (its checkpoints and
+  what it wrote beside them: model/, eval/, ...) goes to checkpoints-discarded/TIME/.
+
+A resumed checkpoint puts model/ back as it was when the checkpoint was saved (its
+best_model/, where it has one), so that model/ goes with the state it continues from.
 
 config.yaml is written by the start that creates the run and never rewritten; every start
 appends a line to starts.jsonl (when, where, what it did, which keys it changed).
@@ -34,6 +39,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -45,6 +51,7 @@ from pet_pipeline.checkpoint import (
     list_checkpoints,
     read_train_state,
     recover_leftovers,
+    restore_best_model,
     verify_checkpoint,
 )
 from pet_pipeline.errors import UserError
@@ -52,6 +59,10 @@ from pet_pipeline.errors import UserError
 LOCK_FILE = ".lock"
 STARTS_FILE = "starts.jsonl"
 CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+# what a lineage writes outside checkpoints/: set aside with its checkpoints when a start goes
+# back to an earlier one (resume: PATH), so that they are never taken for the new lineage's
+LINEAGE_OUTPUTS = ("model", "eval", "training_curves.png", "summary.csv")
 
 # Keys that don't change what is trained: a resumed run may change them.
 FREE_KEYS = ("report_to", "wandb_project", "run_name", "log_every", "num_workers", "gradcam_images",
@@ -76,6 +87,9 @@ class StartPlan:
     step: int | None = None  # the checkpoint's global step
     messages: list[str] = field(default_factory=list)  # printed once, before the summary
     changed: dict = field(default_factory=dict)  # key -> [run's value, this start's value]
+    # the checkpoint was saved before the validation of its step: the records that validation
+    # (and a report after it) left in metrics.jsonl came after the checkpoint
+    before_validation: bool = False
 
 
 def config_changes(before: dict, after: dict) -> tuple[dict, dict]:
@@ -208,17 +222,32 @@ class RunDirectory:
                         f"{_describe(refused)}, which change what is trained; rerun with the run's own "
                         f"values (its {STATE_FILE} and {CONFIG_FILE}) to continue it, or start a new run "
                         "with another output_dir or resume: overwrite.")
+                # nothing has been moved before this point: a refused start leaves the folder as it was
+                newer = [p for p in used if p.name > checkpoint.name] if resume != "auto" else []
+                if newer:  # an earlier point of this run: its later lineage goes aside, whole
+                    plan.messages.append(self._discard(newer, back_to=checkpoint, state=state))
+                elif restore_best_model(checkpoint, self.path / "model"):
+                    plan.messages.append(f"model/: back to the best weights as of {checkpoint.name} "
+                                         "(those exported after it, by the validation that followed it, "
+                                         "are replaced)")
                 plan.checkpoint, plan.step, plan.changed = str(checkpoint), state.global_step, accepted
-                finished = state.finished(epochs=config.epochs, max_steps=config.max_steps)
-                plan.action = "re-evaluate" if finished else "resume"
+                plan.before_validation = state.validation_due
+                trained = state.trained(epochs=config.epochs, max_steps=config.max_steps)
+                plan.action = "re-evaluate" if trained else "resume"
                 if accepted:
                     plan.messages.append(f"config: accepted changes that keep what was trained: "
                                          f"{_describe(accepted)}")
-                if finished:
+                if trained:
                     longer = ("it stopped early (early stopping)" if state.early_stopped
                               else "to train longer, raise epochs or max_steps")
-                    plan.messages.append(f"output_dir: {self.path} holds a finished run (step "
-                                         f"{state.global_step}); re-evaluating it ({longer}).")
+                    if state.validation_due:  # saved before its last validation; stopped during it?
+                        plan.messages.append(
+                            f"output_dir: {self.path} holds a run trained to its end (step "
+                            f"{state.global_step}) whose checkpoint comes before its last validation; "
+                            f"validating and re-evaluating it ({longer}).")
+                    else:
+                        plan.messages.append(f"output_dir: {self.path} holds a finished run (step "
+                                             f"{state.global_step}); re-evaluating it ({longer}).")
         if plan.action == "new":
             if resume == "auto" and (self.path / CONFIG_FILE).is_file():
                 plan.messages.append(f"output_dir: {self.path} holds no checkpoint of the earlier start "
@@ -236,13 +265,7 @@ class RunDirectory:
             if problem:
                 raise UserError(f"resume: {checkpoint} can't be used ({problem}); give another "
                                 "checkpoint, or resume: auto.")
-            mine = [p.resolve() for p in used]
-            if checkpoint.resolve() in mine:  # an earlier point of this run: set its future aside
-                newer = [p for p in used if p.name > checkpoint.name]
-                if newer:
-                    plan.messages.append(f"moved {len(newer)} newer checkpoint(s) to "
-                                         f"{self._discard(newer)} (resuming from an earlier one)")
-            elif used:
+            if used and checkpoint.resolve() not in [p.resolve() for p in used]:
                 raise UserError(f"output_dir: {self.path} holds another run; resume from {checkpoint} "
                                 "into an empty output_dir, or use resume: overwrite here first.")
             return checkpoint
@@ -281,12 +304,39 @@ class RunDirectory:
                 entry.rename(target / entry.name)
         return target
 
-    def _discard(self, checkpoints: list[Path]) -> Path:
+    def _discard(self, checkpoints: list[Path], *, back_to: Path, state: TrainState) -> str:
+        """Move the lineage after `back_to` aside: its checkpoints and what it wrote outside them
+        (model/, eval/, training_curves.png, summary.csv; a copy of metrics.jsonl, which the
+        resumed run trims). Nothing is deleted. Then model/ becomes `back_to`'s best_model/
+        again. Returns the start's one line about it."""
         target = self.path / "checkpoints-discarded" / time.strftime("%Y%m%d-%H%M%S")
-        target.mkdir(parents=True, exist_ok=True)
-        for checkpoint in checkpoints:
-            checkpoint.rename(target / checkpoint.name)
-        return target
+        n = 1
+        while target.exists():
+            target, n = target.with_name(f"{target.name.split('~')[0]}~{n}"), n + 1
+        moved = []
+        try:
+            target.mkdir(parents=True)
+            if (self.path / METRICS_FILE).is_file():  # the one copy; the rest are renames
+                shutil.copy2(self.path / METRICS_FILE, target / METRICS_FILE)
+            for checkpoint in checkpoints:
+                checkpoint.rename(target / checkpoint.name)
+            for name in LINEAGE_OUTPUTS:
+                if (self.path / name).exists():
+                    (self.path / name).rename(target / name)
+                    moved.append(name + ("/" if (target / name).is_dir() else ""))
+        except OSError as e:
+            raise UserError(f"output_dir: the later checkpoints and results could not be moved to "
+                            f"{target} ({os.strerror(e.errno or 0).lower()}); fix the folder and rerun "
+                            "the same command.") from None
+        line = (f"moved {len(checkpoints)} newer checkpoint(s)"
+                + (f" and the later run's {', '.join(moved)}" if moved else "")
+                + f" to {target} (resuming from the earlier {back_to.name})")
+        if restore_best_model(back_to, self.path / "model") is not None:
+            line += f"; model/ holds its best weights as of {back_to.name} again"
+        elif state.best_accuracy is not None and "model/" in moved:
+            line += (f"; {back_to.name} keeps no copy of its best weights (an older pet-pipeline), so "
+                     "the next validation's weights become model/")
+        return line
 
     def _config_yaml(self) -> dict | None:
         from pet_pipeline.config import read_yaml

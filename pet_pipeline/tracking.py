@@ -66,10 +66,13 @@ class MetricsLog:
     """output_dir/metrics.jsonl: one JSON object per logged step or epoch, main process only.
 
     On resume from step K, records after K (logged before the stop but after the checkpoint)
-    are dropped, so the file reads as one uninterrupted run.
+    are dropped, so the file reads as one uninterrupted run; with `before_validation` (the
+    checkpoint was saved before the validation of step K) so are step K's validation and test
+    records.
     """
 
-    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None,
+                 before_validation: bool = False):
         self.path, self.enabled = Path(path), enabled
         if not enabled:
             return
@@ -80,7 +83,10 @@ class MetricsLog:
             kept = []
             for line in self.path.read_text().splitlines():
                 try:  # a line cut short by a kill or a full disk is dropped, not fatal
-                    if json.loads(line).get("step", 0) <= resume_step:
+                    record = json.loads(line)
+                    step = record.get("step", 0)
+                    evaluation = "val_accuracy" in record or "test_accuracy" in record
+                    if step < resume_step or (step == resume_step and not (before_validation and evaluation)):
                         kept.append(line)
                 except ValueError:
                     continue
@@ -247,10 +253,11 @@ class RunLog:
     """
 
     def __init__(self, accelerator, metrics_path: str | Path, *, resume_step: int | None,
-                 clock: PhaseClock | None = None):
+                 before_validation: bool = False, clock: PhaseClock | None = None):
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
-        self.metrics = MetricsLog(metrics_path, enabled=self.is_main, resume_step=resume_step)
+        self.metrics = MetricsLog(metrics_path, enabled=self.is_main, resume_step=resume_step,
+                                  before_validation=before_validation)
         self.clock = clock or PhaseClock()
         self._images, self._since, self._paused = 0, time.perf_counter(), 0.0
         self.progress: Progress | None = None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pet_pipeline.checkpoint import (
     TrainState,
@@ -45,8 +46,12 @@ TINY = {
 
 
 def cli(values: dict) -> list[str]:
-    return [arg for key, value in values.items() for arg in (f"--{key}", str(value).lower()
-                                                             if isinstance(value, bool) else str(value))]
+    def text(value):
+        if isinstance(value, bool):
+            return str(value).lower()
+        return ",".join(value) if isinstance(value, list) else str(value)
+
+    return [arg for key, value in values.items() for arg in (f"--{key}", text(value))]
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +202,124 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run_copy)
     assert discarded == ["step_00000003", "step_00000004"]
     # the next default start continues this lineage, not the old step 4
     assert Path(begin(run_copy, max_steps=6).checkpoint).name == "step_00000002"
+
+
+def test_a_refused_start_from_an_earlier_checkpoint_moves_nothing(run_copy):
+    earlier = run_copy / "checkpoints" / "step_00000002"
+    with pytest.raises(UserError, match="lr 0.002 -> 0.001"):
+        begin(run_copy, resume=str(earlier), lr=1e-3)
+    assert [p.name for p in list_checkpoints(run_copy)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+    assert not (run_copy / "checkpoints-discarded").exists() and (run_copy / "model").is_dir()
+
+
+# --------------------------------------------------------------------------- the last validation
+
+# 4 cat breeds x 8 trainval images, a quarter held out: 3 steps an epoch, one validation batch;
+# the plateau schedule and early stopping keep count of the validations
+VALIDATED = {**TINY, "breeds": ["Abyssinian", "Bengal", "Birman", "Bombay"], "val_fraction": 0.25,
+             "scheduler": "plateau", "warmup_epochs": 0, "early_stopping_patience": 3, "epochs": 3}
+
+
+@pytest.fixture(scope="module")
+def validated_run(tmp_path_factory, env):
+    """Uninterrupted, max_steps 5: epoch 0 (steps 1-3) validated at its end, epoch 1 cut short
+    by max_steps at step 5 and validated there; checkpoints of steps 3 and 5."""
+    out = tmp_path_factory.mktemp("validated") / "run"
+    ok(run_train({**VALIDATED, "max_steps": 5, "output_dir": out}, env))
+    return out
+
+
+def assert_same_end(out: Path, reference: Path) -> None:
+    """The same validations, model selection, schedule, model/ and test report as `reference`."""
+    def validations(run):
+        return [(r["step"], r["epoch"], r["val_accuracy"]) for r in read_metrics(run / "metrics.jsonl")
+                if "val_accuracy" in r]
+
+    def bookkeeping(run):
+        state = read_train_state(list_checkpoints(run)[-1])
+        return {key: state[key] for key in ("global_step", "epoch", "step_in_epoch", "best_accuracy",
+                                            "epochs_since_best", "early_stopped", "scheduler")}
+
+    assert validations(out) == validations(reference)
+    assert bookkeeping(out) == bookkeeping(reference)
+    mine, theirs = (load_file(str(run / "model" / "model.safetensors")) for run in (out, reference))
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6)
+    test = [json.loads((run / "eval" / "metrics.json").read_text()) for run in (out, reference)]
+    assert test[0]["accuracy"] == test[1]["accuracy"] and test[0]["n"] == test[1]["n"]
+
+
+@pytest.mark.slow
+def test_a_stop_during_the_last_validation_is_completed_by_the_rerun(validated_run, tmp_path, env):
+    """SIGTERM during the validation of the epoch that max_steps cuts short (the 6th time the
+    run asks about stopping: steps 1-3, epoch 0's validation batch, step 4, then that
+    validation): step 5's training is kept in a checkpoint, and the rerun validates and
+    reports without training again, ending as the uninterrupted run did."""
+    out = tmp_path / "run"
+    values = {**VALIDATED, "max_steps": 5, "output_dir": out}
+    stopped = run_train(values, env, faults="sigterm-at-step:6")
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert "epoch 0: val accuracy" in stopped.stdout and "epoch 1: val accuracy" not in stopped.stdout
+    assert read_train_state(list_checkpoints(out)[-1])["global_step"] == 5, "step 5 was not kept"
+    rerun = ok(run_train(values, env))
+    assert "validating and re-evaluating" in rerun.stdout, rerun.stdout[-2000:]
+    assert "step 5/5" not in rerun.stdout, "the rerun trained again"
+    assert_same_end(out, validated_run)
+
+
+@pytest.mark.slow
+def test_a_larger_max_steps_validates_the_cut_short_epoch_once(validated_run, tmp_path, env):
+    """max_steps 4 cuts epoch 1 short and validates it at step 4; max_steps 5 then continues that
+    epoch: the validation at step 4 no longer counts (patience, the plateau schedule, the choice
+    of model/, metrics.jsonl), and the run ends as the one given max_steps 5 from the start."""
+    out = tmp_path / "run"
+    first = ok(run_train({**VALIDATED, "max_steps": 4, "output_dir": out}, env))
+    assert "epoch 1: val accuracy" in first.stdout  # the cut-short epoch, validated at step 4
+    ok(run_train({**VALIDATED, "max_steps": 5, "output_dir": out}, env))
+    assert_same_end(out, validated_run)
+
+
+def test_going_back_to_an_earlier_checkpoint_moves_the_later_results_aside(validated_run, tmp_path):
+    """resume: PATH to step 3 (epoch 0's end, whose validation chose model/): what steps 4-5
+    wrote outside their checkpoint (model/ from step 5's validation, the test report, the
+    curves, summary.csv) goes aside with them, and model/ holds step 3's weights again."""
+    run = tmp_path / "run"
+    shutil.copytree(validated_run, run)
+    (run / ".lock").unlink(missing_ok=True)
+    later = {name: (run / name).read_bytes() for name in
+             ("model/model.safetensors", "eval/metrics.json", "training_curves.png", "summary.csv")}
+    earlier = run / "checkpoints" / "step_00000003"
+    values = {**VALIDATED, "max_steps": 5, "output_dir": str(run), "resume": str(earlier)}
+    plan = RunDirectory(run).begin(build_config(values), num_processes=1, argv=[])
+    (aside,) = (run / "checkpoints-discarded").iterdir()
+    assert not (run / "eval").exists() and not (run / "training_curves.png").exists()
+    for name, content in later.items():  # moved, not deleted
+        assert (aside / name).read_bytes() == content, name
+    assert [p.name for p in aside.glob("step_*")] == ["step_00000005"]
+    assert (aside / "metrics.jsonl").is_file()  # a copy: the resumed run trims its own
+    (line,) = [m for m in plan.messages if m.startswith("moved")]
+    assert all(name in line for name in ("1 newer checkpoint(s)", "model/", "eval/", str(aside))), line
+    assert "model/ holds its best weights as of step_00000003 again" in line
+    restored = load_file(str(run / "model" / "model.safetensors"))
+    at_step_3 = load_file(str(earlier / "model.safetensors"))  # no EMA: what step 3 validated
+    assert restored.keys() == at_step_3.keys()
+    assert all(torch.equal(restored[key], at_step_3[key]) for key in restored)
+    assert plan.action == "resume" and Path(plan.checkpoint) == earlier
+
+
+def test_going_back_to_a_checkpoint_without_best_model_says_model_is_chosen_anew(validated_run, tmp_path):
+    """A checkpoint of an earlier pet-pipeline keeps no best_model/: model/ still goes aside."""
+    run = tmp_path / "run"
+    shutil.copytree(validated_run, run)
+    (run / ".lock").unlink(missing_ok=True)
+    earlier = run / "checkpoints" / "step_00000003"
+    shutil.rmtree(earlier / "best_model")
+    values = {**VALIDATED, "max_steps": 5, "output_dir": str(run), "resume": str(earlier)}
+    plan = RunDirectory(run).begin(build_config(values), num_processes=1, argv=[])
+    (line,) = [m for m in plan.messages if m.startswith("moved")]
+    assert "keeps no copy of its best weights" in line and "next validation" in line, line
+    assert not (run / "model").exists()
 
 
 # --------------------------------------------------------------------------- verification
