@@ -96,3 +96,28 @@ def check_imagenet_predictions(weights: str | Path, cat_photos: list[Path], dog_
 
 if __name__ == "__main__":
     print(convert_lite0_weights(sys.argv[1] if len(sys.argv) > 1 else "runs/weights"))
+
+
+# ------------------------------------------------------------------ layer decay across models
+# timm's layer-wise lr decay gives the classifier's group the lr and each group below it
+# `layer_decay` x the one above, with groups from the model's group_matcher: coatnet_0_rw_224
+# has 6 (stem, 4 stages, head), tf_efficientnet_lite0 18 (stem, 16 blocks, head). The same
+# value is not the same recipe on both: 0.6 trains coatnet_0's stem at 0.6^5 = 0.08 x lr,
+# lite0's at 0.6^17 = 0.0002 x lr (frozen, in effect). To measure on lite0 what a decay does
+# on another model, the benchmark keeps the lr ratio between the classifier and the stem, and
+# so, the profile being geometric, the lr at every fraction of the depth.
+
+
+def layer_decay_depth(model_name: str) -> int:
+    """How many groups below the classifier's timm's layer decay splits `model_name` into."""
+    import timm
+    from timm.models import group_parameters
+
+    model = timm.create_model(model_name, pretrained=False, num_classes=2)
+    return max(group_parameters(model, model.group_matcher(coarse=False), reverse=True).values())
+
+
+def equivalent_layer_decay(decay: float, of_model: str, on_model: str = MODEL_NAME) -> float:
+    """The layer decay on `on_model` whose classifier-to-stem lr ratio is that of `decay` on
+    `of_model`: decay ** (depth(of_model) / depth(on_model))."""
+    return decay ** (layer_decay_depth(of_model) / layer_decay_depth(on_model))

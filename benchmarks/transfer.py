@@ -21,7 +21,11 @@ trainval split for training and the test split for the accuracy:
   `train.py ARGS` with tf_efficientnet_lite0 and the converted weights (`pretrained_path`),
   the task's data, no validation split (the few-shot sample has none to spare; the last
   weights are the model), `--batch-size` images a step, `--image-size` px, fp32, and
-  `--seed` in `--seeds`; its test accuracy read from eval/metrics.json.
+  `--seed` in `--seeds`; its test accuracy read from eval/metrics.json. A recipe's
+  `layer_decay` is meant for its own `model` (coatnet_0_rw_224 in configs/gpu.yaml: 5 layer
+  groups below the classifier; lite0 has 17), so it runs on lite0 converted to the same
+  classifier-to-stem lr ratio (`equivalent_layer_decay`: 0.6 on coatnet_0 is 0.86 on lite0);
+  `--literal-layer-decay` passes it unchanged.
 Each row is the mean +- std (sample std) over the seeds; with `--json` every run's figure
 is written too. Nothing here holds a result: the numbers come from the runs.
 """
@@ -43,7 +47,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.lite0_weights import MODEL_NAME, check_imagenet_predictions, convert_lite0_weights  # noqa: E402
+from benchmarks.lite0_weights import (  # noqa: E402
+    MODEL_NAME,
+    check_imagenet_predictions,
+    convert_lite0_weights,
+    equivalent_layer_decay,
+)
 
 SAMPLE_DIR = ROOT.parent / "shared" / "data" / "oxford-pet-sample"
 DEFAULT_RECIPES = ["gpu.yaml=--config configs/gpu.yaml"]
@@ -61,6 +70,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16, help="images per optimizer step")
     parser.add_argument("--out", default="runs/transfer", help="weights, runs and logs go here")
     parser.add_argument("--json", default=None, help="also write every figure to this file")
+    parser.add_argument("--literal-layer-decay", action="store_true",
+                        help="pass a recipe's layer_decay to lite0 unchanged instead of matching "
+                             "its depth profile on the recipe's own model")
     return parser.parse_args(argv)
 
 
@@ -121,9 +133,24 @@ def linear_probe(weights: Path, data_dir: str, species: str, image_size: int, se
     return float(probe.score(test_x, test_y))
 
 
+def lite0_layer_decay(recipe_args: list[str]) -> list[str]:
+    """train.py arguments that give lite0 the recipe's layer-decay profile: its `layer_decay`
+    for its own `model` (coatnet_0_rw_224 in configs/gpu.yaml) converted to lite0's depth
+    (benchmarks/lite0_weights.py), so that what is measured is the recipe, not the number."""
+    from pet_pipeline.config import load_config
+
+    recipe = load_config(recipe_args)
+    if recipe.layer_decay is None or recipe.model == MODEL_NAME:
+        return []
+    decay = equivalent_layer_decay(recipe.layer_decay, recipe.model)
+    return ["--layer_decay", f"{decay:.4f}"]
+
+
 def run_recipe(args, weights: Path, species: str, name: str, recipe_args: list[str], seed: int) -> float:
     """train.py with the recipe's arguments on the task; its test accuracy."""
     out = Path(args.out) / "runs" / f"{name}-{species}-seed{seed}"
+    if not args.literal_layer_decay:
+        recipe_args = [*recipe_args, *lite0_layer_decay(recipe_args)]
     command = [
         sys.executable, str(ROOT / "train.py"), *recipe_args,
         "--data_dir", args.data_dir, "--species", species, "--val_fraction", "0",
@@ -159,6 +186,9 @@ def main(argv=None) -> None:
         if not sep or not name:
             raise SystemExit(f"--recipe: {text!r} is not NAME=ARGS, e.g. 'gpu=--config configs/gpu.yaml'.")
         recipes.append((name, shlex.split(rest)))
+        if not args.literal_layer_decay and (matched := lite0_layer_decay(recipes[-1][1])):
+            print(f"{name}: its layer decay runs on {MODEL_NAME} as {matched[1]}, the same "
+                  f"classifier-to-stem lr ratio as on its own model", flush=True)
     weights = convert_lite0_weights(Path(args.out) / "weights")
     check_photos(weights, args.data_dir)
 
@@ -190,7 +220,9 @@ def main(argv=None) -> None:
         Path(args.json).write_text(json.dumps(
             {"command": command.strip(), "date": str(date.today()), "image_size": args.image_size,
              "batch_size": args.batch_size, "seeds": args.seeds, "data_dir": args.data_dir,
-             "recipes": {name: shlex.join(rest) for name, rest in recipes}, "accuracy": figures}, indent=2))
+             "recipes": {name: shlex.join(rest) for name, rest in recipes},
+             "layer_decay": "as given" if args.literal_layer_decay else "depth-matched to each recipe's model",
+             "accuracy": figures}, indent=2))
 
 
 if __name__ == "__main__":

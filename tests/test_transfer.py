@@ -35,6 +35,13 @@ SHORT_RECIPE = [
 ]
 
 
+def recipe_layer_decay() -> list[str]:
+    """The recipe's layer decay, meant for its own model, at the same depth profile on lite0."""
+    from benchmarks.transfer import lite0_layer_decay
+
+    return lite0_layer_decay(["--config", str(REPO / "configs" / "gpu.yaml")])
+
+
 def head_epochs_for(epochs: int) -> list[str]:
     """The recipe's head phase scaled to the short run (a third of it), if it has one."""
     import yaml
@@ -74,12 +81,32 @@ def test_real_imagenet_weights_fine_tune_far_above_chance_and_above_from_scratch
         return json.loads((out / "eval" / "metrics.json").read_text())["accuracy"]
 
     pretrained, scratch = tmp_path / "pretrained", tmp_path / "scratch"
-    assert_ok(run_train([*SHORT_RECIPE, *head_epochs_for(6), "--pretrained_path", str(lite0_weights),
-                         "--output_dir", str(pretrained)], env))
-    assert_ok(run_train([*SHORT_RECIPE, *head_epochs_for(6), "--pretrained", "false",
-                         "--output_dir", str(scratch)], env))
+    recipe = [*SHORT_RECIPE, *head_epochs_for(6), *recipe_layer_decay()]
+    assert_ok(run_train([*recipe, "--pretrained_path", str(lite0_weights), "--output_dir", str(pretrained)], env))
+    assert_ok(run_train([*recipe, "--pretrained", "false", "--output_dir", str(scratch)], env))
     transferred, from_scratch = test_accuracy(pretrained), test_accuracy(scratch)
     # 12 breeds: chance is 0.083. Measured on a 2-core CPU: 0.672 and 0.115 (docs/TRANSFER.md).
     assert transferred >= 0.5, f"fine-tuned ImageNet weights reach only {transferred:.3f} on the cats"
     assert transferred >= from_scratch + 0.3, (
         f"ImageNet weights {transferred:.3f} vs from scratch {from_scratch:.3f}: transfer is lost")
+
+
+def test_a_recipes_layer_decay_gives_lite0_the_stem_lr_ratio_it_gives_its_own_model():
+    """0.6 is a different recipe on coatnet_0 (5 groups below the classifier) than on lite0
+    (17): the benchmark converts it so the slowest group trains at the same fraction of lr."""
+    import timm
+    from benchmarks.lite0_weights import equivalent_layer_decay
+
+    from pet_pipeline.optim import build_optimizer
+
+    def stem_ratio(model_name: str, decay: float) -> float:
+        model = timm.create_model(model_name, pretrained=False, num_classes=12)
+        scales = [group["lr_scale"] for group in build_optimizer(
+            model, lr=1e-3, weight_decay=0.05, layer_decay=decay).param_groups]
+        assert max(scales) == 1.0  # the classifier trains at lr
+        return min(scales)
+
+    converted = equivalent_layer_decay(0.6, "coatnet_0_rw_224")
+    assert 0.6 < converted < 1.0
+    assert stem_ratio(MODEL_NAME, converted) == pytest.approx(stem_ratio("coatnet_0_rw_224", 0.6), rel=1e-6)
+    assert stem_ratio(MODEL_NAME, 0.6) < stem_ratio("coatnet_0_rw_224", 0.6) / 100  # why it is needed
