@@ -221,7 +221,8 @@ def main(argv=None) -> None:
             {"command": command.strip(), "date": str(date.today()), "image_size": args.image_size,
              "batch_size": args.batch_size, "seeds": args.seeds, "data_dir": args.data_dir,
              "recipes": {name: shlex.join(rest) for name, rest in recipes},
-             "layer_decay": "as given" if args.literal_layer_decay else "depth-matched to each recipe's model",
+             "layer_decay": ("as given" if args.literal_layer_decay
+                             else "depth-matched to each recipe's model"),
              "accuracy": figures}, indent=2))
 
 

@@ -82,7 +82,8 @@ def test_real_imagenet_weights_fine_tune_far_above_chance_and_above_from_scratch
 
     pretrained, scratch = tmp_path / "pretrained", tmp_path / "scratch"
     recipe = [*SHORT_RECIPE, *head_epochs_for(6), *recipe_layer_decay()]
-    assert_ok(run_train([*recipe, "--pretrained_path", str(lite0_weights), "--output_dir", str(pretrained)], env))
+    assert_ok(run_train([*recipe, "--pretrained_path", str(lite0_weights),
+                         "--output_dir", str(pretrained)], env))
     assert_ok(run_train([*recipe, "--pretrained", "false", "--output_dir", str(scratch)], env))
     transferred, from_scratch = test_accuracy(pretrained), test_accuracy(scratch)
     # 12 breeds: chance is 0.083. Measured on a 2-core CPU: 0.672 and 0.115 (docs/TRANSFER.md).
@@ -95,8 +96,8 @@ def test_a_recipes_layer_decay_gives_lite0_the_stem_lr_ratio_it_gives_its_own_mo
     """0.6 is a different recipe on coatnet_0 (5 groups below the classifier) than on lite0
     (17): the benchmark converts it so the slowest group trains at the same fraction of lr."""
     import timm
-    from benchmarks.lite0_weights import equivalent_layer_decay
 
+    from benchmarks.lite0_weights import equivalent_layer_decay
     from pet_pipeline.optim import build_optimizer
 
     def stem_ratio(model_name: str, decay: float) -> float:
