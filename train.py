@@ -118,6 +118,8 @@ def train(config: Config, argv: list[str]) -> int:
     checkpointer = Checkpointer(accelerator, run_dir.path, ema=ema, keep=config.keep_checkpoints)
     if plan.checkpoint:
         state = load_checkpoint(accelerator, plan.checkpoint, ema=ema, model_dir=run_dir.path / "model")
+        if plan.validated is not None:  # its last validation was made since: only the report is left
+            state.load_state_dict(plan.validated)
         check_same_split(state, split_id, checkpoint=plan.checkpoint)
         checkpointer.mark_saved(state)
         if state.scheduler is not None:
@@ -201,6 +203,8 @@ def train(config: Config, argv: list[str]) -> int:
                     save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
                 validate_and_select(config, accelerator, parts, loaders.val, state, run_log,
                                     stop=stop, class_names=class_names, data_config=data_config)
+                if not ended:  # beside the checkpoint taken before it: the same limits are done
+                    checkpointer.record_validation(state)
             run_log.write_summary()  # summary.csv: a row per epoch, beside metrics.jsonl
             if ended:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0

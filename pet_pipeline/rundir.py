@@ -50,6 +50,7 @@ from pet_pipeline.checkpoint import (
     TrainState,
     list_checkpoints,
     read_train_state,
+    read_validated,
     recover_leftovers,
     restore_best_model,
     verify_checkpoint,
@@ -90,6 +91,9 @@ class StartPlan:
     # the checkpoint was saved before the validation of its step: the records that validation
     # (and a report after it) left in metrics.jsonl came after the checkpoint
     before_validation: bool = False
+    # the checkpoint was saved before its last validation, which was made since: the state
+    # after it (validated.json), which these limits find finished; every rank continues from it
+    validated: dict | None = None
 
 
 def config_changes(before: dict, after: dict) -> tuple[dict, dict]:
@@ -224,9 +228,15 @@ class RunDirectory:
                         "with another output_dir or resume: overwrite.")
                 # nothing has been moved before this point: a refused start leaves the folder as it was
                 newer = [p for p in used if p.name > checkpoint.name] if resume != "auto" else []
+                if state.validation_due and not newer:  # was its last validation made since?
+                    validated = read_validated(checkpoint)
+                    if validated is not None and TrainState().load_state_dict(validated).trained(
+                            epochs=config.epochs, max_steps=config.max_steps):
+                        plan.validated = validated  # the same limits: finished, model/ as it is
+                        state = TrainState().load_state_dict(validated)
                 if newer:  # an earlier point of this run: its later lineage goes aside, whole
                     plan.messages.append(self._discard(newer, back_to=checkpoint, state=state))
-                elif restore_best_model(checkpoint, self.path / "model"):
+                elif plan.validated is None and restore_best_model(checkpoint, self.path / "model"):
                     plan.messages.append(f"model/: back to the best weights as of {checkpoint.name} "
                                          "(those exported after it, by the validation that followed it, "
                                          "are replaced)")
@@ -349,6 +359,7 @@ class RunDirectory:
                   "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
                   "processes": num_processes, "argv": list(argv), **dataclasses.asdict(plan)}
         record.pop("messages")
+        record["validated"] = plan.validated is not None
         with open(self.path / STARTS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -280,6 +280,45 @@ def test_a_larger_max_steps_validates_the_cut_short_epoch_once(validated_run, tm
     assert_same_end(out, validated_run)
 
 
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    (out / ".lock").unlink(missing_ok=True)
+    return out
+
+
+def begin_validated(out: Path, **changes):
+    values = {**VALIDATED, "max_steps": 5, "output_dir": str(out), **changes}
+    return RunDirectory(out).begin(build_config(values), num_processes=1, argv=[])
+
+
+def test_a_finished_run_whose_last_epoch_was_cut_short_is_only_re_evaluated(validated_run, tmp_path):
+    """Its final checkpoint comes before its last validation; that validation was made, so the
+    same limits (and an accepted change) find the run finished: model/ is left as it is and
+    nothing is validated again. A larger max_steps still goes on from before that validation."""
+    run = copy_run(validated_run, tmp_path)
+    assert read_train_state(list_checkpoints(run)[-1])["validation_due_at"] == 5
+    model = run / "model" / "model.safetensors"
+    before = (model.stat().st_ino, model.read_bytes())
+    plan = begin_validated(run, eval_batch_size=3)
+    assert plan.action == "re-evaluate" and not plan.before_validation, plan
+    assert plan.validated is not None and plan.validated["validation_due_at"] is None
+    assert any("holds a finished run (step 5)" in m for m in plan.messages), plan.messages
+    assert (model.stat().st_ino, model.read_bytes()) == before
+    longer = begin_validated(run, max_steps=6)
+    assert longer.action == "resume" and longer.before_validation and longer.validated is None
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_cut_short_run_leaves_model_and_validations_alone(validated_run, tmp_path, env):
+    run = copy_run(validated_run, tmp_path)
+    model = (run / "model" / "model.safetensors").read_bytes()
+    rerun = ok(run_train({**VALIDATED, "max_steps": 5, "output_dir": run, "eval_batch_size": 3}, env))
+    assert "val accuracy" not in rerun.stdout and "finished run" in rerun.stdout, rerun.stdout[-2000:]
+    assert (run / "model" / "model.safetensors").read_bytes() == model
+    assert_same_end(run, validated_run)
+
+
 def test_going_back_to_an_earlier_checkpoint_moves_the_later_results_aside(validated_run, tmp_path):
     """resume: PATH to step 3 (epoch 0's end, whose validation chose model/): what steps 4-5
     wrote outside their checkpoint (model/ from step 5's validation, the test report, the
