@@ -48,6 +48,7 @@ from pathlib import Path
 from pet_pipeline.checkpoint import (
     STATE_FILE,
     TrainState,
+    check_same_split,
     list_checkpoints,
     read_train_state,
     read_validated,
@@ -183,9 +184,11 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ what a start means
 
-    def begin(self, config, *, num_processes: int, argv: list[str]) -> StartPlan:
+    def begin(self, config, *, num_processes: int, argv: list[str], split: str | None = None) -> StartPlan:
         """Decide what this start does, act on it (clean up, move aside, write config.yaml)
-        and record it in starts.jsonl. Main process only, with the lock held."""
+        and record it in starts.jsonl. Main process only, with the lock held, after every
+        other check that can refuse the start (the data is loaded: `split` is its train/val
+        fingerprint, which a resumed checkpoint must match; None: not checked)."""
         from pet_pipeline.config import save_config, to_dict
 
         plan = StartPlan(action="new")
@@ -226,6 +229,8 @@ class RunDirectory:
                         f"{_describe(refused)}, which change what is trained; rerun with the run's own "
                         f"values (its {STATE_FILE} and {CONFIG_FILE}) to continue it, or start a new run "
                         "with another output_dir or resume: overwrite.")
+                if split is not None:
+                    check_same_split(state, split, checkpoint=checkpoint)
                 # nothing has been moved before this point: a refused start leaves the folder as it was
                 newer = [p for p in used if p.name > checkpoint.name] if resume != "auto" else []
                 if state.validation_due and not newer:  # was its last validation made since?

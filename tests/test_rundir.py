@@ -212,6 +212,20 @@ def test_a_refused_start_from_an_earlier_checkpoint_moves_nothing(run_copy):
     assert not (run_copy / "checkpoints-discarded").exists() and (run_copy / "model").is_dir()
 
 
+def test_a_start_from_an_earlier_checkpoint_refused_after_loading_the_data_moves_nothing(run_copy, env):
+    """The split check needs the data: resume: PATH is refused (exit 2) before anything moves."""
+    earlier = run_copy / "checkpoints" / "step_00000002"
+    state = read_train_state(earlier)
+    (earlier / "train_state.json").write_text(json.dumps({**state, "split": "trained-elsewhere"}))
+    model = (run_copy / "model" / "model.safetensors").read_bytes()
+    result = run_train({**TINY, "max_steps": 6, "checkpoint_steps": 1, "keep_checkpoints": 5,
+                        "output_dir": run_copy, "resume": earlier}, env)
+    refused(result, "another train/val split")
+    assert [p.name for p in list_checkpoints(run_copy)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+    assert not (run_copy / "checkpoints-discarded").exists() and (run_copy / "eval").is_dir()
+    assert (run_copy / "model" / "model.safetensors").read_bytes() == model
+
+
 # --------------------------------------------------------------------------- the last validation
 
 # 4 cat breeds x 8 trainval images, a quarter held out: 3 steps an epoch, one validation batch;
