@@ -120,9 +120,9 @@ def train(config: Config, argv: list[str]) -> int:
                        split=split_id)
     checkpointer = Checkpointer(accelerator, run_dir.path, ema=ema, keep=config.keep_checkpoints)
     if plan.checkpoint:
-        state = load_checkpoint(accelerator, plan.checkpoint, ema=ema, model_dir=run_dir.path / "model")
-        if plan.validated is not None:  # its last validation was made since: only the report is left
-            state.load_state_dict(plan.validated)
+        # plan.validated: the checkpoint's last validation was made since, only the report is left
+        state = load_checkpoint(accelerator, plan.checkpoint, ema=ema, state=plan.validated,
+                                forget_best_accuracy=plan.forget_best_accuracy)
         checkpointer.mark_saved(state)
         if state.scheduler is not None:
             scheduler.lr_scheduler.load_state_dict(state.scheduler)

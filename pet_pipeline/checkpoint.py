@@ -483,21 +483,23 @@ def restore_best_model(checkpoint: str | Path, model_dir: str | Path) -> bool | 
 # ----------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(accelerator, checkpoint: str | Path, *, ema=None,
-                    model_dir: str | Path | None = None) -> TrainState:
-    """Restore model, optimizer, RNG (Accelerate) and EMA; return the loop's state.
+def load_checkpoint(accelerator, checkpoint: str | Path, *, ema=None, state: dict | None = None,
+                    forget_best_accuracy: bool = False) -> TrainState:
+    """Restore model, optimizer, RNG (Accelerate) and EMA; return the loop's state: the
+    checkpoint's, or `state` (its validated.json) where the start plan says so.
 
-    With `model_dir`: a best validation accuracy whose weights are not in model_dir (moved
-    aside with a discarded lineage by a checkpoint that kept no best_model/, or deleted) is
-    forgotten, so that the next validation exports its weights instead of none."""
+    `forget_best_accuracy`, decided by the main process in RunDirectory.begin and the same on
+    every rank: the best validation accuracy's weights are not in model/ (moved aside with a
+    discarded lineage by a checkpoint that kept no best_model/, or deleted), so the next
+    validation exports its weights instead of none."""
     checkpoint = Path(checkpoint)
     accelerator.load_state(str(checkpoint))
     if ema is not None and (checkpoint / EMA_FILE).is_file():
         ema.load_state_dict(load_file(str(checkpoint / EMA_FILE)))
-    state = TrainState().load_state_dict(read_train_state(checkpoint))
-    if model_dir is not None and not (Path(model_dir) / EXPORT_FILES[0]).is_file():
-        state.best_accuracy = None
-    return state
+    loaded = TrainState().load_state_dict(state if state is not None else read_train_state(checkpoint))
+    if forget_best_accuracy:
+        loaded.best_accuracy = None
+    return loaded
 
 
 def check_same_split(state: TrainState, split: str, *, checkpoint: Path) -> None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pet_pipeline.checkpoint import (
+    EXPORT_FILES,
     STATE_FILE,
     TrainState,
     check_same_split,
@@ -95,6 +96,9 @@ class StartPlan:
     # the checkpoint was saved before its last validation, which was made since: the state
     # after it (validated.json), which these limits find finished; every rank continues from it
     validated: dict | None = None
+    # model/ lacks the weights of the checkpoint's best validation accuracy: every rank
+    # forgets that accuracy, so that the next validation exports its weights
+    forget_best_accuracy: bool = False
 
 
 def config_changes(before: dict, after: dict) -> tuple[dict, dict]:
@@ -247,6 +251,8 @@ class RunDirectory:
                                          "are replaced)")
                 plan.checkpoint, plan.step, plan.changed = str(checkpoint), state.global_step, accepted
                 plan.before_validation = state.validation_due
+                plan.forget_best_accuracy = (state.best_accuracy is not None
+                                             and not (self.path / "model" / EXPORT_FILES[0]).is_file())
                 trained = state.trained(epochs=config.epochs, max_steps=config.max_steps)
                 plan.action = "re-evaluate" if trained else "resume"
                 if accepted:

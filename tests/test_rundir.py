@@ -373,6 +373,27 @@ def test_going_back_to_a_checkpoint_without_best_model_says_model_is_chosen_anew
     (line,) = [m for m in plan.messages if m.startswith("moved")]
     assert "keeps no copy of its best weights" in line and "next validation" in line, line
     assert not (run / "model").exists()
+    assert plan.forget_best_accuracy  # decided here, by the main process, for every rank
+
+
+def test_every_rank_applies_the_main_process_decision_on_best_accuracy(validated_run, tmp_path):
+    """load_checkpoint forgets best_accuracy only when the plan says so, whatever model/ looks
+    like from the rank that loads (another node may not see the main process's model/)."""
+    from pet_pipeline.checkpoint import load_checkpoint
+
+    class Loads:  # what load_checkpoint asks of the accelerator
+        def load_state(self, path):
+            pass
+
+    run = copy_run(validated_run, tmp_path)
+    step_3 = run / "checkpoints" / "step_00000003"
+    best = read_train_state(step_3)["best_accuracy"]
+    assert best is not None
+    plan = begin_validated(run, resume=str(step_3))  # best_model/ restores model/
+    assert not plan.forget_best_accuracy
+    shutil.rmtree(run / "model")  # this rank's view: no model/
+    assert load_checkpoint(Loads(), step_3, forget_best_accuracy=False).best_accuracy == best
+    assert load_checkpoint(Loads(), step_3, forget_best_accuracy=True).best_accuracy is None
 
 
 # --------------------------------------------------------------------------- verification
