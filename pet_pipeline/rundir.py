@@ -339,12 +339,14 @@ class RunDirectory:
             target.mkdir(parents=True)
             if (self.path / METRICS_FILE).is_file():  # the one copy; the rest are renames
                 shutil.copy2(self.path / METRICS_FILE, target / METRICS_FILE)
-            for checkpoint in checkpoints:
-                checkpoint.rename(target / checkpoint.name)
+            # the outputs first, the checkpoints last: a start killed in between still finds
+            # the later checkpoints and repeats resume: PATH, never outputs without their lineage
             for name in LINEAGE_OUTPUTS:
                 if (self.path / name).exists():
                     (self.path / name).rename(target / name)
                     moved.append(name + ("/" if (target / name).is_dir() else ""))
+            for checkpoint in checkpoints:
+                checkpoint.rename(target / checkpoint.name)
         except OSError as e:
             raise UserError(f"output_dir: the later checkpoints and results could not be moved to "
                             f"{target} ({os.strerror(e.errno or 0).lower()}); fix the folder and rerun "

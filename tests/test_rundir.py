@@ -204,6 +204,29 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run_copy)
     assert Path(begin(run_copy, max_steps=6).checkpoint).name == "step_00000002"
 
 
+def test_a_start_killed_while_setting_a_lineage_aside_keeps_its_checkpoints_with_its_outputs(
+        run_copy, monkeypatch):
+    """Killed after some of the later lineage moved: while any of its outputs (model/, eval/,
+    ...) is still in place, so are its checkpoints, so the rerun sees and discards them again."""
+    class Killed(BaseException):
+        pass
+
+    rename, renames = Path.rename, []
+
+    def killed_at_model(self, target):
+        if self.name == "model":  # the outputs' first rename
+            raise Killed
+        renames.append(self.name)
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_at_model)
+    with pytest.raises(Killed):
+        begin(run_copy, resume=str(run_copy / "checkpoints" / "step_00000002"), max_steps=6)
+    monkeypatch.undo()
+    assert (run_copy / "model").is_dir()
+    assert [p.name for p in list_checkpoints(run_copy)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)], renames
+
+
 def test_a_refused_start_from_an_earlier_checkpoint_moves_nothing(run_copy):
     earlier = run_copy / "checkpoints" / "step_00000002"
     with pytest.raises(UserError, match="lr 0.002 -> 0.001"):
