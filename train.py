@@ -43,7 +43,7 @@ def train(config: Config, argv: list[str]) -> int:
         set_seed,
     )
 
-    from pet_pipeline.checkpoint import Checkpointer, TrainState, check_same_split, load_checkpoint
+    from pet_pipeline.checkpoint import Checkpointer, TrainState, load_checkpoint
     from pet_pipeline.config import to_dict
     from pet_pipeline.data import split_fingerprint
     from pet_pipeline.optim import freeze_batch_norm_statistics, set_backbone_trainable, trains_backbone
@@ -92,7 +92,15 @@ def train(config: Config, argv: list[str]) -> int:
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     check_launch(accelerator)  # every process of the launch joined this one job
-    plan = decide_start(accelerator, run_dir, config, argv)  # new, resume or re-evaluate
+    set_seed(config.seed)  # before the model: the seed also fixes the new head's weights
+
+    # ------------------------------------------------------------------ data
+    pets, loaders = build_data(config, accelerator, data_config)
+    split_id = split_fingerprint(pets)  # a resumed run must train and select on the same images
+
+    # ------------------------------------------------------------------ the start
+    # after every check that can refuse it: the start may move a discarded lineage aside
+    plan = decide_start(accelerator, run_dir, config, argv, split=split_id)  # new, resume or re-evaluate
     run_log = RunLog(accelerator, run_dir.path / "metrics.jsonl", resume_step=plan.step,
                      before_validation=plan.before_validation, clock=clock)
     if run_dir.took_over:
@@ -100,11 +108,6 @@ def train(config: Config, argv: list[str]) -> int:
                       f"{run_dir.took_over.get('host')}, which is no longer running")
     for message in plan.messages:
         run_log.print(message)
-    set_seed(config.seed)  # before the model: the seed also fixes the new head's weights
-
-    # ------------------------------------------------------------------ data
-    pets, loaders = build_data(config, accelerator, data_config)
-    split_id = split_fingerprint(pets)  # a resumed run must train and select on the same images
 
     # ------------------------------------------------------------------ model, optimizer, schedule
     parts = build_training(config, accelerator, loaders, data_config, resuming=bool(plan.checkpoint),
@@ -117,8 +120,9 @@ def train(config: Config, argv: list[str]) -> int:
                        split=split_id)
     checkpointer = Checkpointer(accelerator, run_dir.path, ema=ema, keep=config.keep_checkpoints)
     if plan.checkpoint:
-        state = load_checkpoint(accelerator, plan.checkpoint, ema=ema, model_dir=run_dir.path / "model")
-        check_same_split(state, split_id, checkpoint=plan.checkpoint)
+        # plan.validated: the checkpoint's last validation was made since, only the report is left
+        state = load_checkpoint(accelerator, plan.checkpoint, ema=ema, state=plan.validated,
+                                forget_best_accuracy=plan.forget_best_accuracy)
         checkpointer.mark_saved(state)
         if state.scheduler is not None:
             scheduler.lr_scheduler.load_state_dict(state.scheduler)
@@ -201,6 +205,8 @@ def train(config: Config, argv: list[str]) -> int:
                     save_checkpoint(checkpointer, state, running_loss, scheduler, run_log)
                 validate_and_select(config, accelerator, parts, loaders.val, state, run_log,
                                     stop=stop, class_names=class_names, data_config=data_config)
+                if not ended:  # beside the checkpoint taken before it: the same limits are done
+                    checkpointer.record_validation(state)
             run_log.write_summary()  # summary.csv: a row per epoch, beside metrics.jsonl
             if ended:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -282,15 +288,17 @@ def check_launch(accelerator) -> None:
                         f"GPU(s); launch with --num_processes {torch.cuda.device_count()} (per node).")
 
 
-def decide_start(accelerator, run_dir, config: Config, argv: list[str]):
+def decide_start(accelerator, run_dir, config: Config, argv: list[str], *, split: str):
     """The main process decides what this start means (it holds the lock and may move
-    files); every rank gets the same StartPlan, or the same UserError."""
+    files); every rank gets the same StartPlan, or the same UserError. `split`: the train/val
+    fingerprint of the loaded data, which a resumed checkpoint must have been trained on."""
     from accelerate.utils import broadcast_object_list
 
     outcome = [None]
     if accelerator.is_main_process:
         try:
-            outcome[0] = run_dir.begin(config, num_processes=accelerator.num_processes, argv=argv)
+            outcome[0] = run_dir.begin(config, num_processes=accelerator.num_processes, argv=argv,
+                                       split=split)
         except UserError as error:
             outcome[0] = error
     broadcast_object_list(outcome)  # nothing to do with one process

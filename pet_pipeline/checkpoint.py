@@ -6,7 +6,9 @@
                                             trained), ema.safetensors (when EMA is on),
                                             best_model/ (model/'s weights and config.json
                                             as of this step, once a validation chose some:
-                                            hard links, copies where links fail)
+                                            hard links, copies where links fail),
+                                            validated.json (for a checkpoint taken before a
+                                            validation: the state after it, once made)
 
 A checkpoint is written to `.tmp-step_N`, flushed to disk (fsync) and renamed into place;
 only then are older ones rotated away, so the newest complete checkpoint always survives.
@@ -40,6 +42,9 @@ STATE_FILE = "train_state.json"
 EMA_FILE = "ema.safetensors"
 BEST_DIR = "best_model"  # model/ as of the checkpoint: the best weights chosen on validation so far
 EXPORT_FILES = ("model.safetensors", "config.json")  # what export_model writes into model/
+# the TrainState after the validation that a checkpoint was taken before (validation_due),
+# written once that validation is made: the same limits then find the run finished
+VALIDATED_FILE = "validated.json"
 MODEL_FILE = "model.safetensors"  # Accelerate's name for the first prepared model
 OPTIMIZER_FILE = "optimizer.bin"
 RNG_FILE = "random_states_{}.pkl"  # one per process
@@ -363,6 +368,16 @@ class Checkpointer:
         self._last_saved = values
         return final
 
+    def record_validation(self, state: TrainState) -> Path | None:
+        """The validation that the checkpoint of this step was taken before is made: keep its
+        outcome (the state now) beside it, durably, so that a rerun with the same limits only
+        re-evaluates (and a larger limit still goes on from before it). Main process only."""
+        checkpoint = self.folder / f"step_{state.global_step:08d}"
+        if not self.accelerator.is_main_process or not (checkpoint / STATE_FILE).is_file():
+            return None
+        write_json_durably(checkpoint / VALIDATED_FILE, state.state_dict())
+        return checkpoint / VALIDATED_FILE
+
     def _any_rank_failed(self, failed: bool) -> bool:
         if self.accelerator.num_processes == 1:
             return failed
@@ -390,6 +405,27 @@ class Checkpointer:
     def newest_complete(self) -> Path | None:
         found = list_checkpoints(self.folder.parent)
         return found[-1] if found else None
+
+
+def write_json_durably(path: Path, values: dict) -> None:
+    """A temporary file, fsynced, renamed into place: `path` holds the old text or the new."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(values, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_validated(checkpoint: str | Path) -> dict | None:
+    """The state after the validation that `checkpoint` was taken before, once it was made;
+    None when it was not (or its record can't be read: that validation is then made again)."""
+    try:
+        values = json.loads((Path(checkpoint) / VALIDATED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return values if isinstance(values, dict) and isinstance(values.get("global_step"), int) else None
 
 
 # ----------------------------------------------------------------------------- model/ as of a checkpoint
@@ -447,21 +483,23 @@ def restore_best_model(checkpoint: str | Path, model_dir: str | Path) -> bool | 
 # ----------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(accelerator, checkpoint: str | Path, *, ema=None,
-                    model_dir: str | Path | None = None) -> TrainState:
-    """Restore model, optimizer, RNG (Accelerate) and EMA; return the loop's state.
+def load_checkpoint(accelerator, checkpoint: str | Path, *, ema=None, state: dict | None = None,
+                    forget_best_accuracy: bool = False) -> TrainState:
+    """Restore model, optimizer, RNG (Accelerate) and EMA; return the loop's state: the
+    checkpoint's, or `state` (its validated.json) where the start plan says so.
 
-    With `model_dir`: a best validation accuracy whose weights are not in model_dir (moved
-    aside with a discarded lineage by a checkpoint that kept no best_model/, or deleted) is
-    forgotten, so that the next validation exports its weights instead of none."""
+    `forget_best_accuracy`, decided by the main process in RunDirectory.begin and the same on
+    every rank: the best validation accuracy's weights are not in model/ (moved aside with a
+    discarded lineage by a checkpoint that kept no best_model/, or deleted), so the next
+    validation exports its weights instead of none."""
     checkpoint = Path(checkpoint)
     accelerator.load_state(str(checkpoint))
     if ema is not None and (checkpoint / EMA_FILE).is_file():
         ema.load_state_dict(load_file(str(checkpoint / EMA_FILE)))
-    state = TrainState().load_state_dict(read_train_state(checkpoint))
-    if model_dir is not None and not (Path(model_dir) / EXPORT_FILES[0]).is_file():
-        state.best_accuracy = None
-    return state
+    loaded = TrainState().load_state_dict(state if state is not None else read_train_state(checkpoint))
+    if forget_best_accuracy:
+        loaded.best_accuracy = None
+    return loaded
 
 
 def check_same_split(state: TrainState, split: str, *, checkpoint: Path) -> None:

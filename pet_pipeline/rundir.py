@@ -46,10 +46,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pet_pipeline.checkpoint import (
+    EXPORT_FILES,
     STATE_FILE,
     TrainState,
+    check_same_split,
     list_checkpoints,
     read_train_state,
+    read_validated,
     recover_leftovers,
     restore_best_model,
     verify_checkpoint,
@@ -90,6 +93,12 @@ class StartPlan:
     # the checkpoint was saved before the validation of its step: the records that validation
     # (and a report after it) left in metrics.jsonl came after the checkpoint
     before_validation: bool = False
+    # the checkpoint was saved before its last validation, which was made since: the state
+    # after it (validated.json), which these limits find finished; every rank continues from it
+    validated: dict | None = None
+    # model/ lacks the weights of the checkpoint's best validation accuracy: every rank
+    # forgets that accuracy, so that the next validation exports its weights
+    forget_best_accuracy: bool = False
 
 
 def config_changes(before: dict, after: dict) -> tuple[dict, dict]:
@@ -179,9 +188,11 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ what a start means
 
-    def begin(self, config, *, num_processes: int, argv: list[str]) -> StartPlan:
+    def begin(self, config, *, num_processes: int, argv: list[str], split: str | None = None) -> StartPlan:
         """Decide what this start does, act on it (clean up, move aside, write config.yaml)
-        and record it in starts.jsonl. Main process only, with the lock held."""
+        and record it in starts.jsonl. Main process only, with the lock held, after every
+        other check that can refuse the start (the data is loaded: `split` is its train/val
+        fingerprint, which a resumed checkpoint must match; None: not checked)."""
         from pet_pipeline.config import save_config, to_dict
 
         plan = StartPlan(action="new")
@@ -222,16 +233,26 @@ class RunDirectory:
                         f"{_describe(refused)}, which change what is trained; rerun with the run's own "
                         f"values (its {STATE_FILE} and {CONFIG_FILE}) to continue it, or start a new run "
                         "with another output_dir or resume: overwrite.")
+                if split is not None:
+                    check_same_split(state, split, checkpoint=checkpoint)
                 # nothing has been moved before this point: a refused start leaves the folder as it was
                 newer = [p for p in used if p.name > checkpoint.name] if resume != "auto" else []
+                if state.validation_due and not newer:  # was its last validation made since?
+                    validated = read_validated(checkpoint)
+                    if validated is not None and TrainState().load_state_dict(validated).trained(
+                            epochs=config.epochs, max_steps=config.max_steps):
+                        plan.validated = validated  # the same limits: finished, model/ as it is
+                        state = TrainState().load_state_dict(validated)
                 if newer:  # an earlier point of this run: its later lineage goes aside, whole
                     plan.messages.append(self._discard(newer, back_to=checkpoint, state=state))
-                elif restore_best_model(checkpoint, self.path / "model"):
+                elif plan.validated is None and restore_best_model(checkpoint, self.path / "model"):
                     plan.messages.append(f"model/: back to the best weights as of {checkpoint.name} "
                                          "(those exported after it, by the validation that followed it, "
                                          "are replaced)")
                 plan.checkpoint, plan.step, plan.changed = str(checkpoint), state.global_step, accepted
                 plan.before_validation = state.validation_due
+                plan.forget_best_accuracy = (state.best_accuracy is not None
+                                             and not (self.path / "model" / EXPORT_FILES[0]).is_file())
                 trained = state.trained(epochs=config.epochs, max_steps=config.max_steps)
                 plan.action = "re-evaluate" if trained else "resume"
                 if accepted:
@@ -318,12 +339,14 @@ class RunDirectory:
             target.mkdir(parents=True)
             if (self.path / METRICS_FILE).is_file():  # the one copy; the rest are renames
                 shutil.copy2(self.path / METRICS_FILE, target / METRICS_FILE)
-            for checkpoint in checkpoints:
-                checkpoint.rename(target / checkpoint.name)
+            # the outputs first, the checkpoints last: a start killed in between still finds
+            # the later checkpoints and repeats resume: PATH, never outputs without their lineage
             for name in LINEAGE_OUTPUTS:
                 if (self.path / name).exists():
                     (self.path / name).rename(target / name)
                     moved.append(name + ("/" if (target / name).is_dir() else ""))
+            for checkpoint in checkpoints:
+                checkpoint.rename(target / checkpoint.name)
         except OSError as e:
             raise UserError(f"output_dir: the later checkpoints and results could not be moved to "
                             f"{target} ({os.strerror(e.errno or 0).lower()}); fix the folder and rerun "
@@ -349,6 +372,7 @@ class RunDirectory:
                   "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
                   "processes": num_processes, "argv": list(argv), **dataclasses.asdict(plan)}
         record.pop("messages")
+        record["validated"] = plan.validated is not None
         with open(self.path / STARTS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -204,12 +204,49 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run_copy)
     assert Path(begin(run_copy, max_steps=6).checkpoint).name == "step_00000002"
 
 
+def test_a_start_killed_while_setting_a_lineage_aside_keeps_its_checkpoints_with_its_outputs(
+        run_copy, monkeypatch):
+    """Killed after some of the later lineage moved: while any of its outputs (model/, eval/,
+    ...) is still in place, so are its checkpoints, so the rerun sees and discards them again."""
+    class Killed(BaseException):
+        pass
+
+    rename, renames = Path.rename, []
+
+    def killed_at_model(self, target):
+        if self.name == "model":  # the outputs' first rename
+            raise Killed
+        renames.append(self.name)
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_at_model)
+    with pytest.raises(Killed):
+        begin(run_copy, resume=str(run_copy / "checkpoints" / "step_00000002"), max_steps=6)
+    monkeypatch.undo()
+    assert (run_copy / "model").is_dir()
+    assert [p.name for p in list_checkpoints(run_copy)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)], renames
+
+
 def test_a_refused_start_from_an_earlier_checkpoint_moves_nothing(run_copy):
     earlier = run_copy / "checkpoints" / "step_00000002"
     with pytest.raises(UserError, match="lr 0.002 -> 0.001"):
         begin(run_copy, resume=str(earlier), lr=1e-3)
     assert [p.name for p in list_checkpoints(run_copy)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
     assert not (run_copy / "checkpoints-discarded").exists() and (run_copy / "model").is_dir()
+
+
+def test_a_start_from_an_earlier_checkpoint_refused_after_loading_the_data_moves_nothing(run_copy, env):
+    """The split check needs the data: resume: PATH is refused (exit 2) before anything moves."""
+    earlier = run_copy / "checkpoints" / "step_00000002"
+    state = read_train_state(earlier)
+    (earlier / "train_state.json").write_text(json.dumps({**state, "split": "trained-elsewhere"}))
+    model = (run_copy / "model" / "model.safetensors").read_bytes()
+    result = run_train({**TINY, "max_steps": 6, "checkpoint_steps": 1, "keep_checkpoints": 5,
+                        "output_dir": run_copy, "resume": earlier}, env)
+    refused(result, "another train/val split")
+    assert [p.name for p in list_checkpoints(run_copy)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+    assert not (run_copy / "checkpoints-discarded").exists() and (run_copy / "eval").is_dir()
+    assert (run_copy / "model" / "model.safetensors").read_bytes() == model
 
 
 # --------------------------------------------------------------------------- the last validation
@@ -280,6 +317,45 @@ def test_a_larger_max_steps_validates_the_cut_short_epoch_once(validated_run, tm
     assert_same_end(out, validated_run)
 
 
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    (out / ".lock").unlink(missing_ok=True)
+    return out
+
+
+def begin_validated(out: Path, **changes):
+    values = {**VALIDATED, "max_steps": 5, "output_dir": str(out), **changes}
+    return RunDirectory(out).begin(build_config(values), num_processes=1, argv=[])
+
+
+def test_a_finished_run_whose_last_epoch_was_cut_short_is_only_re_evaluated(validated_run, tmp_path):
+    """Its final checkpoint comes before its last validation; that validation was made, so the
+    same limits (and an accepted change) find the run finished: model/ is left as it is and
+    nothing is validated again. A larger max_steps still goes on from before that validation."""
+    run = copy_run(validated_run, tmp_path)
+    assert read_train_state(list_checkpoints(run)[-1])["validation_due_at"] == 5
+    model = run / "model" / "model.safetensors"
+    before = (model.stat().st_ino, model.read_bytes())
+    plan = begin_validated(run, eval_batch_size=3)
+    assert plan.action == "re-evaluate" and not plan.before_validation, plan
+    assert plan.validated is not None and plan.validated["validation_due_at"] is None
+    assert any("holds a finished run (step 5)" in m for m in plan.messages), plan.messages
+    assert (model.stat().st_ino, model.read_bytes()) == before
+    longer = begin_validated(run, max_steps=6)
+    assert longer.action == "resume" and longer.before_validation and longer.validated is None
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_cut_short_run_leaves_model_and_validations_alone(validated_run, tmp_path, env):
+    run = copy_run(validated_run, tmp_path)
+    model = (run / "model" / "model.safetensors").read_bytes()
+    rerun = ok(run_train({**VALIDATED, "max_steps": 5, "output_dir": run, "eval_batch_size": 3}, env))
+    assert "val accuracy" not in rerun.stdout and "finished run" in rerun.stdout, rerun.stdout[-2000:]
+    assert (run / "model" / "model.safetensors").read_bytes() == model
+    assert_same_end(run, validated_run)
+
+
 def test_going_back_to_an_earlier_checkpoint_moves_the_later_results_aside(validated_run, tmp_path):
     """resume: PATH to step 3 (epoch 0's end, whose validation chose model/): what steps 4-5
     wrote outside their checkpoint (model/ from step 5's validation, the test report, the
@@ -320,6 +396,27 @@ def test_going_back_to_a_checkpoint_without_best_model_says_model_is_chosen_anew
     (line,) = [m for m in plan.messages if m.startswith("moved")]
     assert "keeps no copy of its best weights" in line and "next validation" in line, line
     assert not (run / "model").exists()
+    assert plan.forget_best_accuracy  # decided here, by the main process, for every rank
+
+
+def test_every_rank_applies_the_main_process_decision_on_best_accuracy(validated_run, tmp_path):
+    """load_checkpoint forgets best_accuracy only when the plan says so, whatever model/ looks
+    like from the rank that loads (another node may not see the main process's model/)."""
+    from pet_pipeline.checkpoint import load_checkpoint
+
+    class Loads:  # what load_checkpoint asks of the accelerator
+        def load_state(self, path):
+            pass
+
+    run = copy_run(validated_run, tmp_path)
+    step_3 = run / "checkpoints" / "step_00000003"
+    best = read_train_state(step_3)["best_accuracy"]
+    assert best is not None
+    plan = begin_validated(run, resume=str(step_3))  # best_model/ restores model/
+    assert not plan.forget_best_accuracy
+    shutil.rmtree(run / "model")  # this rank's view: no model/
+    assert load_checkpoint(Loads(), step_3, forget_best_accuracy=False).best_accuracy == best
+    assert load_checkpoint(Loads(), step_3, forget_best_accuracy=True).best_accuracy is None
 
 
 # --------------------------------------------------------------------------- verification
