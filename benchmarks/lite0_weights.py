@@ -17,6 +17,7 @@ nothing converted is committed: the file is written where the caller asks.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -108,6 +109,7 @@ if __name__ == "__main__":
 # so, the profile being geometric, the lr at every fraction of the depth.
 
 
+@functools.cache  # builds the model: once per name, not once per run
 def layer_decay_depth(model_name: str) -> int:
     """How many groups below the classifier's timm's layer decay splits `model_name` into."""
     import timm
