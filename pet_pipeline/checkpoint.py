@@ -3,22 +3,15 @@
     output_dir/checkpoints/step_00000120/   model, optimizer, RNG states (Accelerate),
                                             train_state.json (TrainState: position, model
                                             selection, schedule, W&B run id, what was
-                                            trained), ema.safetensors (when EMA is on),
-                                            best_model/ (model/'s weights and config.json
-                                            as of this step, once a validation chose some:
-                                            hard links, copies where links fail),
-                                            validated.json (for a checkpoint taken before a
-                                            validation: the state after it, once made)
+                                            trained), ema.safetensors (when EMA is on)
 
 A checkpoint is written to `.tmp-step_N`, flushed to disk (fsync) and renamed into place;
 only then are older ones rotated away, so the newest complete checkpoint always survives.
 Saving a step that already has a checkpoint moves the old folder to `.replaced-step_N`
 first; `recover_leftovers` (run at every start) puts it back if the save was killed in
 between and removes any `.tmp-` folder. A resume verifies a checkpoint before trusting it
-(`verify_checkpoint`). best_model/ lets a start that goes back to a checkpoint (a larger
-max_steps undoing the validation of an epoch it had cut short, `resume: PATH`) put model/
-back as it was then (`restore_best_model`). Nothing is unpickled: the model is safetensors,
-our state is JSON, and Accelerate's files are loaded with weights_only=True.
+(`verify_checkpoint`). Nothing is unpickled: the model is safetensors, our state is JSON,
+and Accelerate's files are loaded with weights_only=True.
 """
 
 from __future__ import annotations
@@ -40,11 +33,6 @@ from pet_pipeline.errors import UserError
 
 STATE_FILE = "train_state.json"
 EMA_FILE = "ema.safetensors"
-BEST_DIR = "best_model"  # model/ as of the checkpoint: the best weights chosen on validation so far
-EXPORT_FILES = ("model.safetensors", "config.json")  # what export_model writes into model/
-# the TrainState after the validation that a checkpoint was taken before (validation_due),
-# written once that validation is made: the same limits then find the run finished
-VALIDATED_FILE = "validated.json"
 MODEL_FILE = "model.safetensors"  # Accelerate's name for the first prepared model
 OPTIMIZER_FILE = "optimizer.bin"
 RNG_FILE = "random_states_{}.pkl"  # one per process
@@ -69,11 +57,9 @@ class TrainState:
     best_accuracy: float | None = None  # on validation, for model selection
     epochs_since_best: int = 0
     early_stopped: bool = False
-    # the step at which training stopped for a validation not yet made: set while validating
-    # (a stop then saves a checkpoint that validates first) and in the checkpoint taken before
-    # the validation of an epoch that max_steps cut short (a larger max_steps goes on from there
-    # instead, so that the epoch is validated once, at its end)
-    validation_due_at: int | None = None
+    # training reached a validation point (an epoch's end, a cut by max_steps) whose validation
+    # is not made yet: a checkpoint saved now validates first (pet_pipeline/schedule.py)
+    validation_due: bool = False
     loss_sum: float = 0.0  # training loss not yet logged: summed means over micro-batches
     loss_count: int = 0
     scheduler: dict | None = None  # plateau's state (cosine and constant follow the step)
@@ -87,29 +73,13 @@ class TrainState:
     config: dict | None = None  # the run's config as of this checkpoint
     ema: bool = False
 
-    def trained(self, *, epochs: int, max_steps: int | None) -> bool:
-        """No training step left under these limits (a larger epochs or max_steps continues)."""
-        return (self.early_stopped or self.epoch >= epochs
-                or (max_steps is not None and self.global_step >= max_steps))
-
-    @property
-    def validation_due(self) -> bool:
-        """Training stopped here for a validation that has not been made."""
-        return self.validation_due_at == self.global_step
-
-    def finished(self, *, epochs: int, max_steps: int | None) -> bool:
-        """Trained and validated under these limits: only the final report is left."""
-        return self.trained(epochs=epochs, max_steps=max_steps) and not self.validation_due
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, values: dict) -> TrainState:
-        """Also reads the train_state.json of pet-pipeline before 2026-11-29 (no
-        early_stopped, a `finished` flag instead: such a run is taken as finished)."""
-        values = dict(values)
-        if "finished" in values:
-            values["early_stopped"] = bool(values.pop("finished")) or values.get("early_stopped", False)
         known = {f.name for f in dataclasses.fields(self)}
         for key, value in values.items():
             if key in known:
@@ -200,23 +170,6 @@ def verify_checkpoint(checkpoint: Path) -> str | None:
                 torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # truncated, garbage, unreadable: each library has its own error
             return f"{path.name} can't be read ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
-    if (checkpoint / BEST_DIR).exists():
-        return _verify_best_model(checkpoint / BEST_DIR)
-    return None
-
-
-def _verify_best_model(best: Path) -> str | None:
-    from safetensors import safe_open
-
-    for name in EXPORT_FILES:
-        if not (best / name).is_file():
-            return f"{BEST_DIR}/{name} is missing"
-    try:
-        with safe_open(str(best / EXPORT_FILES[0]), "pt") as f:
-            f.keys()
-        json.loads((best / EXPORT_FILES[1]).read_text())
-    except Exception as e:
-        return f"{BEST_DIR} can't be read ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
     return None
 
 
@@ -256,7 +209,7 @@ def _fsync_tree(folder: Path) -> None:
     normal_permissions(folder)
     for path in folder.iterdir():
         if path.is_dir():
-            _fsync_tree(path)  # best_model/
+            _fsync_tree(path)
         elif path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -302,7 +255,6 @@ class Checkpointer:
     def __init__(self, accelerator, output_dir: str | Path, *, ema=None, keep: int = 2):
         self.accelerator, self.ema, self.keep = accelerator, ema, keep
         self.folder = checkpoints_dir(output_dir)
-        self.model_dir = Path(output_dir) / "model"  # the best weights so far (export_model)
         self._last_saved: dict | None = None
 
     def mark_saved(self, state: TrainState) -> None:
@@ -335,8 +287,6 @@ class Checkpointer:
                     if self.ema is not None:
                         save_file({k: v.detach().cpu().contiguous()
                                    for k, v in self.ema.state_dict().items()}, str(tmp / EMA_FILE))
-                    if state.best_accuracy is not None and (self.model_dir / EXPORT_FILES[0]).is_file():
-                        keep_best_model(self.model_dir, tmp / BEST_DIR)
                     (tmp / STATE_FILE).write_text(json.dumps(values, indent=2))  # last: marks complete
             except Exception as e:  # OSError; torch's RuntimeError; SafetensorError on a full disk
                 error = e
@@ -368,16 +318,6 @@ class Checkpointer:
         self._last_saved = values
         return final
 
-    def record_validation(self, state: TrainState) -> Path | None:
-        """The validation that the checkpoint of this step was taken before is made: keep its
-        outcome (the state now) beside it, durably, so that a rerun with the same limits only
-        re-evaluates (and a larger limit still goes on from before it). Main process only."""
-        checkpoint = self.folder / f"step_{state.global_step:08d}"
-        if not self.accelerator.is_main_process or not (checkpoint / STATE_FILE).is_file():
-            return None
-        write_json_durably(checkpoint / VALIDATED_FILE, state.state_dict())
-        return checkpoint / VALIDATED_FILE
-
     def _any_rank_failed(self, failed: bool) -> bool:
         if self.accelerator.num_processes == 1:
             return failed
@@ -407,98 +347,24 @@ class Checkpointer:
         return found[-1] if found else None
 
 
-def write_json_durably(path: Path, values: dict) -> None:
-    """A temporary file, fsynced, renamed into place: `path` holds the old text or the new."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(values, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def read_validated(checkpoint: str | Path) -> dict | None:
-    """The state after the validation that `checkpoint` was taken before, once it was made;
-    None when it was not (or its record can't be read: that validation is then made again)."""
-    try:
-        values = json.loads((Path(checkpoint) / VALIDATED_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return values if isinstance(values, dict) and isinstance(values.get("global_step"), int) else None
-
-
-# ----------------------------------------------------------------------------- model/ as of a checkpoint
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link (no space, no time: export_model replaces model/'s files, never rewrites
-    them), or a copy where the filesystem refuses links."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
-
-def keep_best_model(model_dir: Path, target: Path) -> None:
-    """model/'s weights and config.json into a checkpoint being written (best_model/)."""
-    target.mkdir()
-    for name in EXPORT_FILES:
-        _link_or_copy(model_dir / name, target / name)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    import filecmp
-
-    if not (a.is_file() and b.is_file()):
-        return False
-    return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
-
-
-def restore_best_model(checkpoint: str | Path, model_dir: str | Path) -> bool | None:
-    """Put model/'s weights and config.json back as they were when `checkpoint` was saved.
-
-    True when model/ held others (exported after the checkpoint) and was changed, False when it
-    matched, None when the checkpoint keeps no best_model/ (no validation had chosen weights
-    yet, or it was written by an earlier pet-pipeline). Main process, with the run's lock."""
-    best, model_dir = Path(checkpoint) / BEST_DIR, Path(model_dir)
-    if not (best / EXPORT_FILES[0]).is_file():
-        return None
-    if all(_same_file(best / name, model_dir / name) for name in EXPORT_FILES):
-        return False
-    try:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        for name in EXPORT_FILES:  # each aside then renamed into place, weights first
-            tmp = model_dir / f".{name}.restore"
-            tmp.unlink(missing_ok=True)
-            _link_or_copy(best / name, tmp)
-            tmp.replace(model_dir / name)
-    except OSError as e:
-        raise UserError(f"model/: the best weights of {Path(checkpoint).name} could not be put back "
-                        f"in {model_dir} ({os.strerror(e.errno or 0).lower()}); free some space (or fix "
-                        "the folder) and rerun the same command.") from None
-    return True
-
-
 # ----------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(accelerator, checkpoint: str | Path, *, ema=None, state: dict | None = None,
+def load_checkpoint(accelerator, checkpoint: str | Path, *, ema=None,
                     forget_best_accuracy: bool = False) -> TrainState:
-    """Restore model, optimizer, RNG (Accelerate) and EMA; return the loop's state: the
-    checkpoint's, or `state` (its validated.json) where the start plan says so.
+    """Restore model, optimizer, RNG (Accelerate) and EMA; return the loop's state.
 
     `forget_best_accuracy`, decided by the main process in RunDirectory.begin and the same on
-    every rank: the best validation accuracy's weights are not in model/ (moved aside with a
-    discarded lineage by a checkpoint that kept no best_model/, or deleted), so the next
-    validation exports its weights instead of none."""
+    every rank: the best validation accuracy's weights are not in this output_dir's model/ (a
+    start from another run's checkpoint, or model/ deleted), so model selection starts over
+    and the next validation exports its weights."""
     checkpoint = Path(checkpoint)
     accelerator.load_state(str(checkpoint))
     if ema is not None and (checkpoint / EMA_FILE).is_file():
         ema.load_state_dict(load_file(str(checkpoint / EMA_FILE)))
-    loaded = TrainState().load_state_dict(state if state is not None else read_train_state(checkpoint))
+    loaded = TrainState().load_state_dict(read_train_state(checkpoint))
     if forget_best_accuracy:
-        loaded.best_accuracy = None
+        loaded.best_accuracy, loaded.epochs_since_best = None, 0
     return loaded
 
 
@@ -507,8 +373,7 @@ def check_same_split(state: TrainState, split: str, *, checkpoint: Path) -> None
     if state.split != split:
         raise UserError(
             f"resume: {checkpoint} was trained on another train/val split (other data, seed, "
-            "val_fraction or breeds, or a pet-pipeline from before 2026-11-28, whose split "
-            "differed); rerun with the settings it was made with, or resume: overwrite."
+            "val_fraction or breeds); rerun with the settings it was made with, or resume: overwrite."
         )
 
 

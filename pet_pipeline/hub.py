@@ -258,3 +258,13 @@ def push_folder(folder: str | Path, *, repo_id: str, private: bool, commit_messa
         raise UserError(f"push_to_hub: the upload to {repo_id} failed ({type(error).__name__}: "
                         f"{why}); {retry}.") from None
     return commit.commit_url
+
+
+def push_model_dir(out: str | Path, *, config, step: int) -> str:
+    """A finished run's model/ (weights, timm's config.json, the model card), in one commit."""
+    out = Path(out)
+    later = (f"python evaluate.py --model_dir {out / 'model'} --push_to_hub "
+             f"--hub_model_id {config.hub_model_id}")
+    return push_folder(out / "model", repo_id=config.hub_model_id, private=config.hub_private,
+                       commit_message=f"pet-pipeline: {config.model}, step {step}",
+                       retry=f"the run is complete in {out}; upload it with `{later}`")

@@ -2,22 +2,25 @@
 
     run_dir = RunDirectory(config.output_dir)
     run_dir.lock()                          # main process, before any heavy work
-    plan = run_dir.begin(config, num_processes=2, argv=sys.argv[1:])
+    plan = run_dir.begin(config, num_processes=2, argv=sys.argv[1:], split=fingerprint)
     plan.action                             # "new", "resume" or "re-evaluate"
-    plan.checkpoint                         # the verified checkpoint to resume from
+    plan.checkpoint                         # the verified checkpoint to go on from
 
-What `begin` decides, from what the folder holds:
-- nothing (or a start killed before its first checkpoint): a new run;
+`begin` decides, then acts: `survey` reads what the folder holds (checkpoints, verified
+newest first; results; earlier starts), the pure `plan` turns that and the config into a
+StartPlan (or the one sentence that refuses the start), and `carry_out` does the little a plan
+asks (move an old run aside, write config.yaml, record the start). The rules:
+- nothing there (or a start killed before its first checkpoint): a new run;
 - checkpoints of a run with the same training-defining config: resume the newest one that
   passes verification (`resume: auto`), or re-evaluate it when it is finished;
 - a different config: keys that change what is trained are refused, naming them; the others
   (logging, workers, checkpoint cadence, a larger `epochs` or `max_steps`) are accepted;
 - `resume: none` where a run is: refused; `resume: overwrite` moves that run aside first;
-- `resume: PATH` to an earlier checkpoint of the run: the later lineage (its checkpoints and
-  what it wrote beside them: model/, eval/, ...) goes to checkpoints-discarded/TIME/.
-
-A resumed checkpoint puts model/ back as it was when the checkpoint was saved (its
-best_model/, where it has one), so that model/ goes with the state it continues from.
+- `resume: PATH` starts this output_dir from PATH's weights and state (PATH is never
+  changed): into an output_dir without checkpoints, or this run's own newest checkpoint.
+  Started from another run, model selection starts over (model/ is chosen anew) and W&B
+  logs a new run. Going back to an earlier checkpoint of a run means starting a new
+  output_dir from it; a rerun of the same command continues the run it started.
 
 config.yaml is written by the start that creates the run and never rewritten; every start
 appends a line to starts.jsonl (when, where, what it did, which keys it changed).
@@ -39,33 +42,29 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pet_pipeline.checkpoint import (
-    EXPORT_FILES,
     STATE_FILE,
     TrainState,
     check_same_split,
     list_checkpoints,
     read_train_state,
-    read_validated,
     recover_leftovers,
-    restore_best_model,
     verify_checkpoint,
 )
 from pet_pipeline.errors import UserError
+from pet_pipeline.schedule import trained_under
 
 LOCK_FILE = ".lock"
 STARTS_FILE = "starts.jsonl"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
-# what a lineage writes outside checkpoints/: set aside with its checkpoints when a start goes
-# back to an earlier one (resume: PATH), so that they are never taken for the new lineage's
-LINEAGE_OUTPUTS = ("model", "eval", "training_curves.png", "summary.csv")
+MODEL_WEIGHTS = Path("model") / "model.safetensors"  # what export_model writes, with config.json
 
 # Keys that don't change what is trained: a resumed run may change them.
 FREE_KEYS = ("report_to", "wandb_project", "run_name", "log_every", "num_workers", "gradcam_images",
@@ -80,25 +79,202 @@ START_KEYS = ("resume", "output_dir")
 EXTENDABLE_KEYS = ("epochs", "max_steps")
 
 
+# ----------------------------------------------------------------------------- what is there
+
+
+@dataclass
+class Found:
+    """A checkpoint folder as a start finds it."""
+
+    path: Path
+    problem: str | None = None  # why it can't be used (verify_checkpoint); None: it can
+    state: dict | None = None  # its train_state.json, when it can be used
+
+
+@dataclass
+class Folder:
+    """What a start finds in output_dir, read once by `survey`: the input of `plan`."""
+
+    path: Path
+    checkpoints: list[Path] = field(default_factory=list)  # every step_N folder, oldest first
+    newest: list[Found] = field(default_factory=list)  # newest first, down to the first usable one
+    source: Found | None = None  # resume: PATH, verified
+    has_results: bool = False  # model/ or eval/
+    has_model: bool = False  # model/'s weights (the best so far)
+    has_config: bool = False
+    holds_anything: bool = False  # any entry but the lock
+    starts: list[dict] = field(default_factory=list)  # starts.jsonl
+
+
+def found(checkpoint: Path) -> Found:
+    problem = verify_checkpoint(checkpoint)
+    return Found(checkpoint, problem, read_train_state(checkpoint) if problem is None else None)
+
+
+def survey(path: str | Path, resume: str) -> Folder:
+    """Read what output_dir holds; changes nothing."""
+    path = Path(path)
+    folder = Folder(path, checkpoints=list_checkpoints(path, complete_only=False),
+                    has_results=(path / "model").is_dir() or (path / "eval").is_dir(),
+                    has_model=(path / MODEL_WEIGHTS).is_file(), has_config=(path / CONFIG_FILE).is_file(),
+                    holds_anything=path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()),
+                    starts=read_starts(path))
+    for checkpoint in reversed(folder.checkpoints):
+        folder.newest.append(found(checkpoint))
+        if folder.newest[-1].problem is None:
+            break
+    if resume not in ("auto", "none", "overwrite"):
+        folder.source = found(Path(resume))
+    return folder
+
+
 # ----------------------------------------------------------------------------- the decision
 
 
 @dataclass
 class StartPlan:
-    action: str  # "new", "resume" or "re-evaluate"
+    action: str  # "new", "resume", "re-evaluate", or "refuse" (then `refusal` says why)
     checkpoint: str | None = None
     step: int | None = None  # the checkpoint's global step
     messages: list[str] = field(default_factory=list)  # printed once, before the summary
     changed: dict = field(default_factory=dict)  # key -> [run's value, this start's value]
-    # the checkpoint was saved before the validation of its step: the records that validation
-    # (and a report after it) left in metrics.jsonl came after the checkpoint
+    refusal: str | None = None  # the one sentence of a refused start
+    move_aside: bool = False  # resume: overwrite over a run: it goes to a sibling folder first
+    write_config: bool = False  # config.yaml (the run's config, written once)
+    # the checkpoint was saved before the validation of its step: that validation's records
+    # (and a report after it) in metrics.jsonl came after the checkpoint
     before_validation: bool = False
-    # the checkpoint was saved before its last validation, which was made since: the state
-    # after it (validated.json), which these limits find finished; every rank continues from it
-    validated: dict | None = None
     # model/ lacks the weights of the checkpoint's best validation accuracy: every rank
     # forgets that accuracy, so that the next validation exports its weights
     forget_best_accuracy: bool = False
+    wandb_run_id: str | None = None  # a new W&B run for a start from another run's checkpoint
+
+
+def refuse(sentence: str) -> StartPlan:
+    return StartPlan(action="refuse", refusal=sentence)
+
+
+def plan(folder: Folder, config, *, num_processes: int, split: str | None = None,
+         slurm_job: str | None = None) -> StartPlan:
+    """What a start with `config` means in `folder`; a pure function of the two. `split`:
+    the loaded data's train/val fingerprint, which a resumed checkpoint must match (None:
+    not checked); `slurm_job`: this process's SLURM job id."""
+    resume, why = _effective_resume(folder, config.resume, slurm_job)
+    messages = [why] if why else []
+    if resume == "overwrite":
+        chosen = StartPlan(action="new", move_aside=folder.holds_anything)
+    elif resume == "none":
+        chosen = StartPlan(action="new") if not folder.checkpoints else refuse(
+            f"output_dir: {folder.path} holds a run (checkpoints up to {folder.checkpoints[-1].name}); "
+            "continue it with resume: auto, replace it with resume: overwrite (the old run is moved to "
+            "a sibling folder, not deleted), or give another output_dir.")
+    elif not folder.checkpoints and folder.has_results:  # checkpoints deleted, results kept
+        chosen = refuse(
+            f"output_dir: {folder.path} holds a run's results (model/, eval/) but no checkpoints; "
+            "use another output_dir, or resume: overwrite to move that run aside and start over.")
+    else:
+        source = _source(folder, resume, messages)
+        chosen = source if isinstance(source, StartPlan) else StartPlan(action="new") if source is None \
+            else _continue(folder, source, config, num_processes=num_processes, split=split)
+    if chosen.action == "new" and resume == "auto" and folder.has_config:
+        messages.append(f"output_dir: {folder.path} holds no checkpoint of the earlier start (it ended "
+                        "before its first one); starting a new run")
+    chosen.messages = messages + chosen.messages
+    chosen.write_config = chosen.action == "new" or not folder.has_config
+    return chosen
+
+
+def _effective_resume(folder: Folder, resume: str, slurm_job: str | None) -> tuple[str, str | None]:
+    """(`resume`, None), or ("auto", why) where repeating it would undo what was trained since."""
+    if resume == "auto":
+        return resume, None
+    if slurm_job and any(s.get("slurm_job") == slurm_job for s in folder.starts):
+        # a requeued attempt repeats the job's arguments: overwriting or starting from the
+        # same checkpoint again would undo what the earlier attempt trained
+        return ("auto", f"resume: {resume} was for the first attempt of SLURM job {slurm_job}; "
+                        "this attempt continues it (resume: auto)")
+    if folder.source is not None and folder.checkpoints and _started_from(folder, folder.source.path):
+        return ("auto", f"output_dir: {folder.path} was started from {folder.source.path}; continuing "
+                        "its own newest checkpoint (resume: auto)")
+    return resume, None
+
+
+def _started_from(folder: Folder, source: Path) -> bool:
+    return any(s.get("checkpoint") and Path(s["checkpoint"]).resolve() == source.resolve()
+               for s in folder.starts) and source.resolve() not in [p.resolve() for p in folder.checkpoints]
+
+
+def _source(folder: Folder, resume: str, messages: list[str]) -> Found | StartPlan | None:
+    """The checkpoint this start goes on from (None: a new run), or the refusal."""
+    if resume != "auto":  # resume: PATH
+        source = folder.source
+        if source.problem:
+            return refuse(f"resume: {source.path} can't be used ({source.problem}); give another "
+                          "checkpoint, or resume: auto.")
+        mine = [p for p in folder.checkpoints if p.resolve() == source.path.resolve()]
+        if folder.checkpoints and not mine:
+            return refuse(f"output_dir: {folder.path} holds another run; start from {source.path} in an "
+                          "empty output_dir, or use resume: overwrite here first.")
+        if mine and mine[0] != folder.checkpoints[-1]:
+            return refuse(f"resume: {source.path} is an earlier checkpoint of the run in {folder.path} "
+                          f"(its newest is {folder.checkpoints[-1].name}); to go back to it, start a new "
+                          f"run from it with another output_dir and resume: {source.path} (it is never "
+                          "changed), or use resume: auto here.")
+        return source
+    for skipped in folder.newest:
+        if skipped.problem is None:
+            return skipped
+        messages.append(f"skipping checkpoint {skipped.path.name}: {skipped.problem}")
+    if folder.checkpoints:
+        return refuse(
+            f"output_dir: none of the {len(folder.checkpoints)} checkpoint(s) in "
+            f"{folder.path / 'checkpoints'} can be used ({'; '.join(f.problem for f in folder.newest)}); "
+            "restore one from a backup, or start over with resume: overwrite.")
+    return None
+
+
+def _continue(folder: Folder, source: Found, config, *, num_processes: int, split: str | None) -> StartPlan:
+    """Resume or re-evaluate from `source`, unless its run was trained otherwise."""
+    from pet_pipeline.config import to_dict
+
+    state = TrainState().load_state_dict(source.state)
+    before = {**(state.config or {}), "processes": state.num_processes or num_processes}
+    refused, accepted = config_changes(before, {**to_dict(config), "processes": num_processes})
+    if refused:
+        return refuse(
+            f"output_dir: {folder.path} holds a run trained with other values of {_describe(refused)}, "
+            f"which change what is trained; rerun with the run's own values (its {STATE_FILE} and "
+            f"{CONFIG_FILE}) to continue it, or start a new run with another output_dir or resume: "
+            "overwrite.")
+    try:
+        if split is not None:
+            check_same_split(state, split, checkpoint=source.path)
+    except UserError as error:
+        return refuse(str(error))
+    elsewhere = source.path.resolve() not in [p.resolve() for p in folder.checkpoints]
+    trained = trained_under(state, epochs=config.epochs, max_steps=config.max_steps)
+    chosen = StartPlan(
+        action="re-evaluate" if trained and not state.validation_due else "resume",
+        checkpoint=str(source.path), step=state.global_step, changed=accepted,
+        before_validation=state.validation_due,
+        forget_best_accuracy=state.best_accuracy is not None and not folder.has_model,
+        wandb_run_id=uuid.uuid4().hex[:12] if elsewhere else None)
+    if elsewhere:
+        chosen.messages.append(f"starting from {source.path} (step {state.global_step}), which stays as "
+                               "it is; model/ is chosen anew in this output_dir")
+    if accepted:
+        chosen.messages.append(f"config: accepted changes that keep what was trained: {_describe(accepted)}")
+    if trained:
+        longer = ("it stopped early (early stopping)" if state.early_stopped
+                  else "to train longer, raise epochs or max_steps")
+        if state.validation_due:  # stopped during its last validation
+            chosen.messages.append(f"output_dir: {folder.path} holds a run trained to its end (step "
+                                   f"{state.global_step}) whose last validation was stopped; validating "
+                                   f"and re-evaluating it ({longer}).")
+        else:
+            chosen.messages.append(f"output_dir: {folder.path} holds a finished run (step "
+                                   f"{state.global_step}); re-evaluating it ({longer}).")
+    return chosen
 
 
 def config_changes(before: dict, after: dict) -> tuple[dict, dict]:
@@ -189,128 +365,29 @@ class RunDirectory:
     # ------------------------------------------------------------------ what a start means
 
     def begin(self, config, *, num_processes: int, argv: list[str], split: str | None = None) -> StartPlan:
-        """Decide what this start does, act on it (clean up, move aside, write config.yaml)
-        and record it in starts.jsonl. Main process only, with the lock held, after every
-        other check that can refuse the start (the data is loaded: `split` is its train/val
-        fingerprint, which a resumed checkpoint must match; None: not checked)."""
-        from pet_pipeline.config import save_config, to_dict
+        """Decide what this start does and act on it. Main process only, with the lock held,
+        after every other check that can refuse the start (the data is loaded: `split` is its
+        train/val fingerprint). A refused start raises UserError and has changed nothing
+        (but for the leftovers of a killed checkpoint save, cleaned up first)."""
+        leftovers = recover_leftovers(self.path)
+        chosen = plan(survey(self.path, config.resume), config, num_processes=num_processes,
+                      split=split, slurm_job=os.environ.get("SLURM_JOB_ID"))
+        if chosen.refusal:
+            raise UserError(chosen.refusal)
+        chosen.messages = leftovers + chosen.messages
+        self.carry_out(chosen, config, num_processes=num_processes, argv=argv)
+        return chosen
 
-        plan = StartPlan(action="new")
-        plan.messages += recover_leftovers(self.path)
-        wanted = to_dict(config)
-        used = list_checkpoints(self.path, complete_only=False)
-        resume = config.resume
-        job = os.environ.get("SLURM_JOB_ID")
-        if resume != "auto" and job and any(s.get("slurm_job") == job for s in read_starts(self.path)):
-            # a requeued attempt repeats the job's arguments: overwriting or going back to the
-            # same checkpoint again would undo what the earlier attempt trained
-            plan.messages.append(f"resume: {resume} was for the first attempt of SLURM job {job}; "
-                                 "this attempt continues it (resume: auto)")
-            resume = "auto"
-        if resume == "overwrite":
-            if self._holds_a_run():
-                plan.messages.append(f"moved the earlier run to {self._move_aside()} (resume: overwrite)")
-        elif resume == "none":
-            if used:
-                raise UserError(
-                    f"output_dir: {self.path} holds a run (checkpoints up to {used[-1].name}); continue it "
-                    "with resume: auto, replace it with resume: overwrite (the old run is moved to a "
-                    "sibling folder, not deleted), or give another output_dir.")
-        else:
-            if not used and self._has_results():  # checkpoints deleted, results kept
-                raise UserError(
-                    f"output_dir: {self.path} holds a run's results (model/, eval/) but no checkpoints; "
-                    "use another output_dir, or resume: overwrite to move that run aside and start over.")
-            checkpoint = self._checkpoint_to_resume(resume, used, plan)
-            if checkpoint is not None:
-                state = TrainState().load_state_dict(read_train_state(checkpoint))
-                before = state.config or self._config_yaml() or {}
-                before = {**before, "processes": state.num_processes or num_processes}
-                refused, accepted = config_changes(before, {**wanted, "processes": num_processes})
-                if refused:
-                    raise UserError(
-                        f"output_dir: {self.path} holds a run trained with other values of "
-                        f"{_describe(refused)}, which change what is trained; rerun with the run's own "
-                        f"values (its {STATE_FILE} and {CONFIG_FILE}) to continue it, or start a new run "
-                        "with another output_dir or resume: overwrite.")
-                if split is not None:
-                    check_same_split(state, split, checkpoint=checkpoint)
-                # nothing has been moved before this point: a refused start leaves the folder as it was
-                newer = [p for p in used if p.name > checkpoint.name] if resume != "auto" else []
-                if state.validation_due and not newer:  # was its last validation made since?
-                    validated = read_validated(checkpoint)
-                    if validated is not None and TrainState().load_state_dict(validated).trained(
-                            epochs=config.epochs, max_steps=config.max_steps):
-                        plan.validated = validated  # the same limits: finished, model/ as it is
-                        state = TrainState().load_state_dict(validated)
-                if newer:  # an earlier point of this run: its later lineage goes aside, whole
-                    plan.messages.append(self._discard(newer, back_to=checkpoint, state=state))
-                elif plan.validated is None and restore_best_model(checkpoint, self.path / "model"):
-                    plan.messages.append(f"model/: back to the best weights as of {checkpoint.name} "
-                                         "(those exported after it, by the validation that followed it, "
-                                         "are replaced)")
-                plan.checkpoint, plan.step, plan.changed = str(checkpoint), state.global_step, accepted
-                plan.before_validation = state.validation_due
-                plan.forget_best_accuracy = (state.best_accuracy is not None
-                                             and not (self.path / "model" / EXPORT_FILES[0]).is_file())
-                trained = state.trained(epochs=config.epochs, max_steps=config.max_steps)
-                plan.action = "re-evaluate" if trained else "resume"
-                if accepted:
-                    plan.messages.append(f"config: accepted changes that keep what was trained: "
-                                         f"{_describe(accepted)}")
-                if trained:
-                    longer = ("it stopped early (early stopping)" if state.early_stopped
-                              else "to train longer, raise epochs or max_steps")
-                    if state.validation_due:  # saved before its last validation; stopped during it?
-                        plan.messages.append(
-                            f"output_dir: {self.path} holds a run trained to its end (step "
-                            f"{state.global_step}) whose checkpoint comes before its last validation; "
-                            f"validating and re-evaluating it ({longer}).")
-                    else:
-                        plan.messages.append(f"output_dir: {self.path} holds a finished run (step "
-                                             f"{state.global_step}); re-evaluating it ({longer}).")
-        if plan.action == "new":
-            if resume == "auto" and (self.path / CONFIG_FILE).is_file():
-                plan.messages.append(f"output_dir: {self.path} holds no checkpoint of the earlier start "
-                                     "(it ended before its first one); starting a new run")
-        if plan.action == "new" or not (self.path / CONFIG_FILE).is_file():
+    def carry_out(self, chosen: StartPlan, config, *, num_processes: int, argv: list[str]) -> None:
+        """What a plan asks of the folder: move an old run aside, write config.yaml, and
+        record the start in starts.jsonl."""
+        from pet_pipeline.config import save_config
+
+        if chosen.move_aside:
+            chosen.messages.append(f"moved the earlier run to {self._move_aside()} (resume: overwrite)")
+        if chosen.write_config:
             save_config(config, self.path / CONFIG_FILE)  # the run's config, once
-        self._record_start(plan, num_processes=num_processes, argv=argv)
-        return plan
-
-    def _checkpoint_to_resume(self, resume: str, used: list[Path], plan: StartPlan) -> Path | None:
-        """The checkpoint a start continues from, verified; None for a new run."""
-        if resume != "auto":  # an explicit checkpoint folder
-            checkpoint = Path(resume)
-            problem = verify_checkpoint(checkpoint)
-            if problem:
-                raise UserError(f"resume: {checkpoint} can't be used ({problem}); give another "
-                                "checkpoint, or resume: auto.")
-            if used and checkpoint.resolve() not in [p.resolve() for p in used]:
-                raise UserError(f"output_dir: {self.path} holds another run; resume from {checkpoint} "
-                                "into an empty output_dir, or use resume: overwrite here first.")
-            return checkpoint
-        skipped = []
-        for checkpoint in reversed(used):  # newest first
-            problem = verify_checkpoint(checkpoint)
-            if problem is None:
-                plan.messages += skipped
-                return checkpoint
-            skipped.append(f"skipping checkpoint {checkpoint.name}: {problem}")
-        if used:
-            raise UserError(
-                f"output_dir: none of the {len(used)} checkpoint(s) in {self.path / 'checkpoints'} can "
-                f"be used ({'; '.join(s.split(': ', 1)[1] for s in skipped)}); restore one from a "
-                "backup, or start over with resume: overwrite.")
-        return None
-
-    # ------------------------------------------------------------------ helpers
-
-    def _has_results(self) -> bool:
-        return (self.path / "model").is_dir() or (self.path / "eval").is_dir()
-
-    def _holds_a_run(self) -> bool:
-        return any(p.name != LOCK_FILE for p in self.path.iterdir())
+        self._record_start(chosen, num_processes=num_processes, argv=argv)
 
     def _move_aside(self) -> Path:
         """Move everything but the lock to a sibling folder named after now; returns it."""
@@ -325,56 +402,15 @@ class RunDirectory:
                 entry.rename(target / entry.name)
         return target
 
-    def _discard(self, checkpoints: list[Path], *, back_to: Path, state: TrainState) -> str:
-        """Move the lineage after `back_to` aside: its checkpoints and what it wrote outside them
-        (model/, eval/, training_curves.png, summary.csv; a copy of metrics.jsonl, which the
-        resumed run trims). Nothing is deleted. Then model/ becomes `back_to`'s best_model/
-        again. Returns the start's one line about it."""
-        target = self.path / "checkpoints-discarded" / time.strftime("%Y%m%d-%H%M%S")
-        n = 1
-        while target.exists():
-            target, n = target.with_name(f"{target.name.split('~')[0]}~{n}"), n + 1
-        moved = []
-        try:
-            target.mkdir(parents=True)
-            if (self.path / METRICS_FILE).is_file():  # the one copy; the rest are renames
-                shutil.copy2(self.path / METRICS_FILE, target / METRICS_FILE)
-            # the outputs first, the checkpoints last: a start killed in between still finds
-            # the later checkpoints and repeats resume: PATH, never outputs without their lineage
-            for name in LINEAGE_OUTPUTS:
-                if (self.path / name).exists():
-                    (self.path / name).rename(target / name)
-                    moved.append(name + ("/" if (target / name).is_dir() else ""))
-            for checkpoint in checkpoints:
-                checkpoint.rename(target / checkpoint.name)
-        except OSError as e:
-            raise UserError(f"output_dir: the later checkpoints and results could not be moved to "
-                            f"{target} ({os.strerror(e.errno or 0).lower()}); fix the folder and rerun "
-                            "the same command.") from None
-        line = (f"moved {len(checkpoints)} newer checkpoint(s)"
-                + (f" and the later run's {', '.join(moved)}" if moved else "")
-                + f" to {target} (resuming from the earlier {back_to.name})")
-        if restore_best_model(back_to, self.path / "model") is not None:
-            line += f"; model/ holds its best weights as of {back_to.name} again"
-        elif state.best_accuracy is not None and "model/" in moved:
-            line += (f"; {back_to.name} keeps no copy of its best weights (an older pet-pipeline), so "
-                     "the next validation's weights become model/")
-        return line
-
-    def _config_yaml(self) -> dict | None:
-        from pet_pipeline.config import read_yaml
-
-        path = self.path / CONFIG_FILE
-        return read_yaml(str(path)) if path.is_file() else None
-
     def _record_start(self, plan: StartPlan, *, num_processes: int, argv: list[str]) -> None:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
                   "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
                   "processes": num_processes, "argv": list(argv), **dataclasses.asdict(plan)}
-        record.pop("messages")
-        record["validated"] = plan.validated is not None
+        for internal in ("messages", "refusal", "move_aside", "write_config", "wandb_run_id"):
+            record.pop(internal)
         with open(self.path / STARTS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
+
 
 
 def read_starts(output_dir: str | Path) -> list[dict]:

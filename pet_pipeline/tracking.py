@@ -39,16 +39,17 @@ def choose_wandb_mode() -> str:
     return os.environ.get("WANDB_MODE", "online")
 
 
-def init_trackers(accelerator, *, report_to: str, project: str, run_name: str, run_id: str,
-                  output_dir: str, config: dict) -> None:
-    """Start the trackers on the main process; a resumed run logs into the same W&B run."""
+def init_trackers(accelerator, *, report_to: str, run_id: str, output_dir: str, project: str = "pet-pipeline",
+                  run_name: str | None = None, config: dict | None = None) -> None:
+    """Start the trackers on the main process; a resumed run logs into the same W&B run
+    (`run_id`), named after output_dir unless `run_name` says otherwise."""
     if report_to == "none":
         return
     init_kwargs = {}
     if "wandb" in trackers_for(report_to):
-        init_kwargs["wandb"] = {"name": run_name, "id": run_id, "resume": "allow",
+        init_kwargs["wandb"] = {"name": run_name or Path(output_dir).name, "id": run_id, "resume": "allow",
                                 "dir": str(output_dir)}
-    accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+    accelerator.init_trackers(project, config=config or {}, init_kwargs=init_kwargs)
 
 
 def wandb_sync_hint(accelerator) -> str | None:

@@ -1,6 +1,7 @@
 """The run directory: one owner, what a start means, checkpoints that can't lose progress.
 
-Decisions are tested on `RunDirectory.begin` with the checkpoints of one real tiny run;
+What a start means is tested as a table on the pure `plan` (no model, no files), then on
+`RunDirectory.begin` with the checkpoints of one real tiny run;
 what must hold for the real script (exit status, messages, kills at exact points, a full
 disk) runs train.py in a subprocess, with faults injected by tests/faults.py.
 """
@@ -114,6 +115,119 @@ def begin(out: Path, **changes):
 # --------------------------------------------------------------------------- what a start means
 
 
+def _state(**changes) -> dict:
+    """A checkpoint's train state: 4 steps of `config(...)`, the best validation 0.5."""
+    from pet_pipeline.config import to_dict
+
+    values = {"global_step": 4, "epoch": 0, "step_in_epoch": 4, "best_accuracy": 0.5, "split": "s",
+              "num_processes": 1, "config": to_dict(config(Path("/runs/a")))}
+    return TrainState(**{**values, **changes}).state_dict()
+
+
+def _folder(*steps, problems=(), model=True, results=True, starts=(), source=None, **state):
+    """A Folder as `survey` reads it: checkpoints step_N of /runs/a, those in `problems` unusable."""
+    from pet_pipeline.rundir import Folder, Found
+
+    paths = [Path(f"/runs/a/checkpoints/step_{n:08d}") for n in steps]
+    newest = []
+    for path, n in zip(reversed(paths), reversed(steps)):
+        usable = n not in problems
+        newest.append(Found(path, None if usable else "optimizer.bin is missing",
+                            _state(global_step=n, **state) if usable else None))
+        if usable:
+            break
+    return Folder(Path("/runs/a"), checkpoints=paths, newest=newest, source=source,
+                  has_results=results and bool(steps or model), has_model=model and bool(steps),
+                  has_config=bool(steps or starts), holds_anything=bool(steps or starts),
+                  starts=list(starts))
+
+
+ELSEWHERE = Path("/runs/b/checkpoints/step_00000002")
+
+
+def _from_elsewhere(**state):
+    from pet_pipeline.rundir import Found
+
+    return Found(ELSEWHERE, None, _state(global_step=2, **state))
+
+
+# name: (folder, config changes, expected plan fields, a fragment of the refusal or of a message)
+PLANS = {
+    "an empty folder": (lambda: _folder(model=False, results=False), {},
+                        {"action": "new", "write_config": True}, None),
+    "a finished run": (lambda: _folder(3, 4), {}, {"action": "re-evaluate", "step": 4},
+                       "holds a finished run (step 4)"),
+    "a larger max_steps": (lambda: _folder(3, 4), {"max_steps": 6},
+                           {"action": "resume", "changed": {"max_steps": [4, 6]}}, "max_steps 4 -> 6"),
+    "a stop during the last validation": (lambda: _folder(4, validation_due=True), {},
+                                          {"action": "resume", "before_validation": True},
+                                          "validating and re-evaluating"),
+    "another lr": (lambda: _folder(4), {"lr": 1e-3}, {"action": "refuse"}, "lr 0.002 -> 0.001"),
+    "another split": (lambda: _folder(4, split="other"), {}, {"action": "refuse"},
+                      "another train/val split"),
+    "resume: none over a run": (lambda: _folder(4), {"resume": "none"}, {"action": "refuse"},
+                                "resume: overwrite"),
+    "resume: overwrite over a run": (lambda: _folder(4), {"resume": "overwrite"},
+                                     {"action": "new", "move_aside": True, "write_config": True}, None),
+    "results without checkpoints": (lambda: _folder(model=True, results=True), {}, {"action": "refuse"},
+                                    "no checkpoints"),
+    "the newest checkpoint unusable": (lambda: _folder(3, 4, problems=(4,)), {"max_steps": 6},
+                                       {"action": "resume", "step": 3}, "skipping checkpoint step_00000004"),
+    "every checkpoint unusable": (lambda: _folder(3, 4, problems=(3, 4)), {}, {"action": "refuse"},
+                                  "none of the 2"),
+    "model/ deleted": (lambda: _folder(4, model=False), {"max_steps": 6},
+                       {"action": "resume", "forget_best_accuracy": True}, None),
+    "another run's checkpoint, into an empty folder": (
+        lambda: _folder(model=False, results=False, source=_from_elsewhere()),
+        {"resume": str(ELSEWHERE)}, {"action": "resume", "step": 2, "forget_best_accuracy": True},
+        "starting from /runs/b"),
+    "another run's checkpoint, into a used folder": (
+        lambda: _folder(4, source=_from_elsewhere()), {"resume": str(ELSEWHERE)}, {"action": "refuse"},
+        "holds another run"),
+    "the same command again, after a start from another run": (
+        lambda: _folder(3, source=_from_elsewhere(), starts=[{"checkpoint": str(ELSEWHERE)}]),
+        {"resume": str(ELSEWHERE), "max_steps": 6}, {"action": "resume", "step": 3},
+        "continuing its own newest"),
+    "a requeued SLURM attempt repeating overwrite": (
+        lambda: _folder(2, starts=[{"slurm_job": "77"}]), {"resume": "overwrite", "max_steps": 6},
+        {"action": "resume", "move_aside": False}, "this attempt continues it"),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_what_a_start_means_as_a_table(name):
+    from dataclasses import asdict
+
+    from pet_pipeline.rundir import plan
+
+    make_folder, changes, expected, fragment = PLANS[name]
+    changes = dict(changes)
+    folder, resume = make_folder(), changes.pop("resume", "auto")
+    wanted = config(Path("/runs/a"), **changes)
+    wanted.resume = resume  # set after the config's checks, which look for the path on disk
+    chosen = plan(folder, wanted, num_processes=1, split="s", slurm_job="77" if "SLURM" in name else None)
+    assert {key: asdict(chosen)[key] for key in expected} == expected, chosen
+    if fragment:
+        assert fragment in " ".join([chosen.refusal or "", *chosen.messages]), chosen
+    assert (chosen.refusal is not None) == (chosen.action == "refuse")
+    if chosen.action == "refuse":  # one sentence that says what to do
+        assert chosen.refusal.count(";") >= 1 and chosen.refusal.endswith("."), chosen.refusal
+
+
+def test_the_plan_reads_only_what_survey_found():
+    """plan is pure: the same Folder and config give the same plan, and a Folder of a path that
+    does not exist is planned without touching the disk."""
+    from pet_pipeline.rundir import plan
+
+    folder = _folder(3, 4)
+    first = plan(folder, config(Path("/runs/a"), max_steps=6), num_processes=1, split="s")
+    second = plan(folder, config(Path("/runs/a"), max_steps=6), num_processes=1, split="s")
+    assert first == second and not Path("/runs/a").exists()
+    assert plan(folder, config(Path("/runs/a")), num_processes=2, split="s").refusal.count("processes 1 -> 2")
+
+
+
+
 def test_a_finished_run_is_re_evaluated_and_a_larger_max_steps_resumes_it(run_copy):
     state = read_train_state(list_checkpoints(run_copy)[-1])
     assert state["num_processes"] == 1 and state["config"]["max_steps"] == 4  # what was trained
@@ -193,60 +307,60 @@ def test_resume_none_in_a_used_folder_is_refused_and_overwrite_moves_the_old_run
     assert any(str(aside) in m for m in plan.messages)
 
 
-def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(run_copy):
+def test_going_back_to_an_earlier_checkpoint_in_place_is_refused_and_changes_nothing(run_copy):
+    """resume: PATH to step 2 of the run in output_dir (steps 3 and 4 after it): refused in one
+    sentence that says how (a new output_dir from it); nothing in the folder moves."""
     earlier = run_copy / "checkpoints" / "step_00000002"
-    plan = begin(run_copy, resume=str(earlier), max_steps=6)
-    assert plan.action == "resume" and plan.checkpoint == str(earlier)
-    assert [p.name for p in list_checkpoints(run_copy)] == ["step_00000001", "step_00000002"]
-    discarded = sorted(p.name for p in (run_copy / "checkpoints-discarded").glob("*/step_*"))
-    assert discarded == ["step_00000003", "step_00000004"]
-    # the next default start continues this lineage, not the old step 4
-    assert Path(begin(run_copy, max_steps=6).checkpoint).name == "step_00000002"
-
-
-def test_a_start_killed_while_setting_a_lineage_aside_keeps_its_checkpoints_with_its_outputs(
-        run_copy, monkeypatch):
-    """Killed after some of the later lineage moved: while any of its outputs (model/, eval/,
-    ...) is still in place, so are its checkpoints, so the rerun sees and discards them again."""
-    class Killed(BaseException):
-        pass
-
-    rename, renames = Path.rename, []
-
-    def killed_at_model(self, target):
-        if self.name == "model":  # the outputs' first rename
-            raise Killed
-        renames.append(self.name)
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", killed_at_model)
-    with pytest.raises(Killed):
-        begin(run_copy, resume=str(run_copy / "checkpoints" / "step_00000002"), max_steps=6)
-    monkeypatch.undo()
-    assert (run_copy / "model").is_dir()
-    assert [p.name for p in list_checkpoints(run_copy)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)], renames
-
-
-def test_a_refused_start_from_an_earlier_checkpoint_moves_nothing(run_copy):
-    earlier = run_copy / "checkpoints" / "step_00000002"
-    with pytest.raises(UserError, match="lr 0.002 -> 0.001"):
-        begin(run_copy, resume=str(earlier), lr=1e-3)
+    before = {p.name: p.stat().st_mtime_ns for p in run_copy.iterdir()}
+    with pytest.raises(UserError, match="earlier checkpoint.*step_00000004.*another output_dir"):
+        begin(run_copy, resume=str(earlier), max_steps=6)
     assert [p.name for p in list_checkpoints(run_copy)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
-    assert not (run_copy / "checkpoints-discarded").exists() and (run_copy / "model").is_dir()
+    assert {p.name: p.stat().st_mtime_ns for p in run_copy.iterdir()} == before
+    newest = begin(run_copy, resume=str(run_copy / "checkpoints" / "step_00000004"), max_steps=6)
+    assert newest.action == "resume" and newest.checkpoint.endswith("step_00000004")  # its own newest
 
 
-def test_a_start_from_an_earlier_checkpoint_refused_after_loading_the_data_moves_nothing(run_copy, env):
-    """The split check needs the data: resume: PATH is refused (exit 2) before anything moves."""
+def test_a_new_output_dir_starts_from_another_runs_checkpoint_and_never_changes_it(run_copy, tmp_path):
+    """resume: PATH into an empty output_dir: PATH's weights and state, a new W&B run, model/
+    chosen anew (every rank forgets the best accuracy); a rerun continues the new run's own
+    checkpoints, not PATH again."""
+    earlier = run_copy / "checkpoints" / "step_00000002"
+    files = {p.name: p.read_bytes() for p in earlier.iterdir()}
+    state = read_train_state(earlier)
+    new = tmp_path / "branch"
+    plan = begin(new, resume=str(earlier), max_steps=6)
+    assert plan.action == "resume" and plan.checkpoint == str(earlier) and plan.step == 2
+    assert plan.wandb_run_id and plan.wandb_run_id != state["wandb_run_id"]
+    assert any(f"starting from {earlier}" in m for m in plan.messages), plan.messages
+    assert (new / "config.yaml").is_file() and not (new / "checkpoints").exists()
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == files
+    shutil.copytree(run_copy / "checkpoints" / "step_00000003", new / "checkpoints" / "step_00000003")
+    again = begin(new, resume=str(earlier), max_steps=6)  # the same command, after a stop
+    assert again.action == "resume" and again.checkpoint.endswith("branch/checkpoints/step_00000003")
+    assert any("continuing its own newest checkpoint" in m for m in again.messages), again.messages
+
+
+def test_a_refused_start_from_a_checkpoint_writes_nothing(run_copy, tmp_path):
+    earlier = run_copy / "checkpoints" / "step_00000002"
+    new = tmp_path / "branch"
+    new.mkdir()
+    with pytest.raises(UserError, match="lr 0.002 -> 0.001"):
+        begin(new, resume=str(earlier), lr=1e-3)
+    assert list(new.iterdir()) == []  # no config.yaml, no starts.jsonl
+    assert [p.name for p in list_checkpoints(run_copy)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+
+
+def test_a_start_from_a_checkpoint_refused_after_loading_the_data_writes_nothing(run_copy, tmp_path, env):
+    """The split check needs the data: resume: PATH is refused (exit 2) before anything is written."""
     earlier = run_copy / "checkpoints" / "step_00000002"
     state = read_train_state(earlier)
     (earlier / "train_state.json").write_text(json.dumps({**state, "split": "trained-elsewhere"}))
-    model = (run_copy / "model" / "model.safetensors").read_bytes()
+    new = tmp_path / "branch"
     result = run_train({**TINY, "max_steps": 6, "checkpoint_steps": 1, "keep_checkpoints": 5,
-                        "output_dir": run_copy, "resume": earlier}, env)
+                        "output_dir": new, "resume": earlier}, env)
     refused(result, "another train/val split")
+    assert sorted(p.name for p in new.iterdir()) == [".lock"]
     assert [p.name for p in list_checkpoints(run_copy)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
-    assert not (run_copy / "checkpoints-discarded").exists() and (run_copy / "eval").is_dir()
-    assert (run_copy / "model" / "model.safetensors").read_bytes() == model
 
 
 # --------------------------------------------------------------------------- the last validation
@@ -306,15 +420,30 @@ def test_a_stop_during_the_last_validation_is_completed_by_the_rerun(validated_r
 
 
 @pytest.mark.slow
-def test_a_larger_max_steps_validates_the_cut_short_epoch_once(validated_run, tmp_path, env):
-    """max_steps 4 cuts epoch 1 short and validates it at step 4; max_steps 5 then continues that
-    epoch: the validation at step 4 no longer counts (patience, the plateau schedule, the choice
-    of model/, metrics.jsonl), and the run ends as the one given max_steps 5 from the start."""
+def test_a_larger_max_steps_counts_the_cut_short_epoch_once(validated_run, tmp_path, env):
+    """max_steps 4 cuts epoch 1 short and validates it at step 4, which only chooses model/;
+    max_steps 5 then continues that epoch: the same training as the run given max_steps 5 from
+    the start, the same plateau schedule, and one more validation (step 4's) to choose from."""
     out = tmp_path / "run"
     first = ok(run_train({**VALIDATED, "max_steps": 4, "output_dir": out}, env))
     assert "epoch 1: val accuracy" in first.stdout  # the cut-short epoch, validated at step 4
     ok(run_train({**VALIDATED, "max_steps": 5, "output_dir": out}, env))
-    assert_same_end(out, validated_run)
+
+    def validations(run):
+        return [(r["step"], r["epoch"], r["val_accuracy"]) for r in read_metrics(run / "metrics.jsonl")
+                if "val_accuracy" in r]
+
+    reference = validations(validated_run)
+    assert validations(out) == [reference[0], validations(out)[1], *reference[1:]]
+    assert validations(out)[1][:2] == (4, 1)
+    mine, theirs = (read_train_state(list_checkpoints(run)[-1]) for run in (out, validated_run))
+    for key in ("global_step", "epoch", "step_in_epoch", "scheduler", "early_stopped"):
+        assert mine[key] == theirs[key], key
+    assert mine["best_accuracy"] == max(accuracy for _, _, accuracy in validations(out))
+    weights = [load_file(str(list_checkpoints(run)[-1] / "model.safetensors"))
+               for run in (out, validated_run)]
+    for key in weights[0]:  # validating at step 4 changed nothing in the training
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6)
 
 
 def copy_run(run: Path, tmp_path: Path) -> Path:
@@ -330,20 +459,19 @@ def begin_validated(out: Path, **changes):
 
 
 def test_a_finished_run_whose_last_epoch_was_cut_short_is_only_re_evaluated(validated_run, tmp_path):
-    """Its final checkpoint comes before its last validation; that validation was made, so the
-    same limits (and an accepted change) find the run finished: model/ is left as it is and
-    nothing is validated again. A larger max_steps still goes on from before that validation."""
+    """Its final checkpoint comes after its last validation: the same limits (and an accepted
+    change) find the run finished, model/ is left as it is and nothing is validated again. A
+    larger max_steps goes on with the cut-short epoch from there."""
     run = copy_run(validated_run, tmp_path)
-    assert read_train_state(list_checkpoints(run)[-1])["validation_due_at"] == 5
+    assert read_train_state(list_checkpoints(run)[-1])["validation_due"] is False
     model = run / "model" / "model.safetensors"
     before = (model.stat().st_ino, model.read_bytes())
     plan = begin_validated(run, eval_batch_size=3)
     assert plan.action == "re-evaluate" and not plan.before_validation, plan
-    assert plan.validated is not None and plan.validated["validation_due_at"] is None
     assert any("holds a finished run (step 5)" in m for m in plan.messages), plan.messages
     assert (model.stat().st_ino, model.read_bytes()) == before
     longer = begin_validated(run, max_steps=6)
-    assert longer.action == "resume" and longer.before_validation and longer.validated is None
+    assert longer.action == "resume" and not longer.before_validation
 
 
 @pytest.mark.slow
@@ -356,49 +484,6 @@ def test_rerunning_a_finished_cut_short_run_leaves_model_and_validations_alone(v
     assert_same_end(run, validated_run)
 
 
-def test_going_back_to_an_earlier_checkpoint_moves_the_later_results_aside(validated_run, tmp_path):
-    """resume: PATH to step 3 (epoch 0's end, whose validation chose model/): what steps 4-5
-    wrote outside their checkpoint (model/ from step 5's validation, the test report, the
-    curves, summary.csv) goes aside with them, and model/ holds step 3's weights again."""
-    run = tmp_path / "run"
-    shutil.copytree(validated_run, run)
-    (run / ".lock").unlink(missing_ok=True)
-    later = {name: (run / name).read_bytes() for name in
-             ("model/model.safetensors", "eval/metrics.json", "training_curves.png", "summary.csv")}
-    earlier = run / "checkpoints" / "step_00000003"
-    values = {**VALIDATED, "max_steps": 5, "output_dir": str(run), "resume": str(earlier)}
-    plan = RunDirectory(run).begin(build_config(values), num_processes=1, argv=[])
-    (aside,) = (run / "checkpoints-discarded").iterdir()
-    assert not (run / "eval").exists() and not (run / "training_curves.png").exists()
-    for name, content in later.items():  # moved, not deleted
-        assert (aside / name).read_bytes() == content, name
-    assert [p.name for p in aside.glob("step_*")] == ["step_00000005"]
-    assert (aside / "metrics.jsonl").is_file()  # a copy: the resumed run trims its own
-    (line,) = [m for m in plan.messages if m.startswith("moved")]
-    assert all(name in line for name in ("1 newer checkpoint(s)", "model/", "eval/", str(aside))), line
-    assert "model/ holds its best weights as of step_00000003 again" in line
-    restored = load_file(str(run / "model" / "model.safetensors"))
-    at_step_3 = load_file(str(earlier / "model.safetensors"))  # no EMA: what step 3 validated
-    assert restored.keys() == at_step_3.keys()
-    assert all(torch.equal(restored[key], at_step_3[key]) for key in restored)
-    assert plan.action == "resume" and Path(plan.checkpoint) == earlier
-
-
-def test_going_back_to_a_checkpoint_without_best_model_says_model_is_chosen_anew(validated_run, tmp_path):
-    """A checkpoint of an earlier pet-pipeline keeps no best_model/: model/ still goes aside."""
-    run = tmp_path / "run"
-    shutil.copytree(validated_run, run)
-    (run / ".lock").unlink(missing_ok=True)
-    earlier = run / "checkpoints" / "step_00000003"
-    shutil.rmtree(earlier / "best_model")
-    values = {**VALIDATED, "max_steps": 5, "output_dir": str(run), "resume": str(earlier)}
-    plan = RunDirectory(run).begin(build_config(values), num_processes=1, argv=[])
-    (line,) = [m for m in plan.messages if m.startswith("moved")]
-    assert "keeps no copy of its best weights" in line and "next validation" in line, line
-    assert not (run / "model").exists()
-    assert plan.forget_best_accuracy  # decided here, by the main process, for every rank
-
-
 def test_every_rank_applies_the_main_process_decision_on_best_accuracy(validated_run, tmp_path):
     """load_checkpoint forgets best_accuracy only when the plan says so, whatever model/ looks
     like from the rank that loads (another node may not see the main process's model/)."""
@@ -409,14 +494,15 @@ def test_every_rank_applies_the_main_process_decision_on_best_accuracy(validated
             pass
 
     run = copy_run(validated_run, tmp_path)
-    step_3 = run / "checkpoints" / "step_00000003"
-    best = read_train_state(step_3)["best_accuracy"]
+    step_5 = run / "checkpoints" / "step_00000005"
+    best = read_train_state(step_5)["best_accuracy"]
     assert best is not None
-    plan = begin_validated(run, resume=str(step_3))  # best_model/ restores model/
-    assert not plan.forget_best_accuracy
+    assert not begin_validated(run, max_steps=6).forget_best_accuracy  # model/ holds its weights
+    assert begin_validated(tmp_path / "branch", resume=str(step_5), max_steps=6).forget_best_accuracy
     shutil.rmtree(run / "model")  # this rank's view: no model/
-    assert load_checkpoint(Loads(), step_3, forget_best_accuracy=False).best_accuracy == best
-    assert load_checkpoint(Loads(), step_3, forget_best_accuracy=True).best_accuracy is None
+    assert load_checkpoint(Loads(), step_5, forget_best_accuracy=False).best_accuracy == best
+    forgotten = load_checkpoint(Loads(), step_5, forget_best_accuracy=True)
+    assert forgotten.best_accuracy is None and forgotten.epochs_since_best == 0
 
 
 # --------------------------------------------------------------------------- verification
@@ -464,29 +550,6 @@ def test_leftovers_of_a_killed_save_are_cleaned_up_and_an_interrupted_re_save_re
     assert len(done) == 2
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
     assert verify_checkpoint(folder / "step_00000004") is None
-
-
-OLD_KEYS = ("epoch", "step_in_epoch", "global_step", "best_accuracy", "epochs_since_best", "loss_sum",
-            "loss_count", "wandb_run_id", "model", "class_names", "scheduler", "data_config", "split")
-
-
-def test_checkpoints_of_the_previous_version_still_resume(run_copy):
-    """train_state.json as pet-pipeline wrote it before the run directory: no config, process
-    count or EMA flag, and a `finished` flag; config.yaml is then what the run is compared with."""
-    newest = list_checkpoints(run_copy)[-1]
-    values = read_train_state(newest)
-    old = {key: values[key] for key in OLD_KEYS} | {"finished": False}
-    (newest / "train_state.json").write_text(json.dumps(old))
-    assert verify_checkpoint(newest) is None
-    plan = begin(run_copy, max_steps=6)
-    assert plan.action == "resume" and plan.checkpoint == str(newest)
-    with pytest.raises(UserError, match="lr 0.002 -> 0.001"):  # compared with config.yaml
-        begin(run_copy, max_steps=6, lr=1e-3)
-    old["finished"] = True  # max_steps or early stopping: taken as finished
-    (newest / "train_state.json").write_text(json.dumps(old))
-    assert begin(run_copy, max_steps=6).action == "re-evaluate"
-    state = TrainState().load_state_dict(old)
-    assert state.early_stopped and state.finished(epochs=10, max_steps=None)
 
 
 def test_a_torn_line_in_metrics_jsonl_does_not_stop_a_resume(tmp_path):
@@ -626,17 +689,20 @@ def test_killed_during_the_stop_save_with_one_checkpoint_kept_loses_nothing_save
 
 @pytest.mark.slow
 def test_killed_while_re_saving_a_step_restores_the_earlier_save(tmp_path, env):
-    """checkpoint_steps 9 with validation: step 9 is saved mid-loop, then again at the epoch's
-    end; a kill between moving the first aside and renaming the second into place."""
+    """A stop during the epoch's validation saves step 9 before it; the rerun validates and
+    saves step 9 again, and is killed between moving the first save aside and renaming the
+    second into place: the next start puts the first back and validates once more."""
     out = tmp_path / "run"
-    values = {**TINY, "val_fraction": 0.25, "epochs": 1, "checkpoint_steps": 9, "keep_checkpoints": 1,
-              "output_dir": out}
-    killed = run_train(values, env, faults="kill-at-commit:2")
+    values = {**TINY, "val_fraction": 0.25, "epochs": 1, "keep_checkpoints": 1, "output_dir": out}
+    stopped = run_train(values, env, faults="sigterm-at-step:10")  # 9 steps, then a validation batch
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert read_train_state(list_checkpoints(out)[-1])["validation_due"] is True
+    killed = run_train(values, env, faults="kill-at-commit:1")
     assert killed.returncode == -9
     assert list_checkpoints(out) == [] and (out / "checkpoints" / ".replaced-step_00000009").is_dir()
     result = ok(run_train(values, env))
     assert "restored step_00000009" in result.stdout
-    assert "resuming from step_00000009, step 9" in result.stdout
+    assert "resuming from step_00000009, step 9" in result.stdout and "val accuracy" in result.stdout
     final = read_train_state(list_checkpoints(out)[-1])
     assert (final["global_step"], final["epoch"], final["step_in_epoch"]) == (9, 1, 0)
 
