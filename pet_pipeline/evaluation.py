@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix
 
-from pet_pipeline.metrics import compute_with_evaluate, save_results
+from pet_pipeline.metrics import compute_with_evaluate, per_class_scores, save_results
 
 STOPPED = "stopped"  # what evaluate_and_report returns when a stop signal interrupted it
 
@@ -74,22 +74,30 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     return float(ece)
 
 
-def compute_metrics(predictions: Predictions, class_names: list[str], top_confused: int = 10) -> dict:
-    """Accuracy, top-5, macro/weighted P/R/F1, per class, most-confused pairs, ECE."""
-    y_true, y_pred = predictions.labels, predictions.predicted
+def class_confusion_matrix(predictions: Predictions, num_classes: int) -> np.ndarray:
+    """(K, K) counts, rows true and columns predicted, every class of the model included."""
+    return confusion_matrix(predictions.labels, predictions.predicted, labels=list(range(num_classes)))
+
+
+def compute_metrics(predictions: Predictions, class_names: list[str], top_confused: int = 10, *,
+                    matrix: np.ndarray | None = None) -> dict:
+    """Accuracy, top-5, macro/weighted P/R/F1, per class, most-confused pairs, ECE.
+
+    `matrix`: the class_confusion_matrix of `predictions`, when the caller has it already.
+    """
     k = len(class_names)
-    all_labels = list(range(k))
-    metrics = {"n": int(len(y_true))}
+    if matrix is None:
+        matrix = class_confusion_matrix(predictions, k)
+    metrics = {"n": int(len(predictions.labels))}
     # headline numbers through `evaluate`, with the metric scripts shipped in the package
-    metrics.update(compute_with_evaluate(y_true, y_pred, predictions.probabilities))
-    p, r, f, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=all_labels, zero_division=0)
+    metrics.update(compute_with_evaluate(predictions.labels, predictions.predicted,
+                                         predictions.probabilities, matrix=matrix))
+    scores = per_class_scores(matrix)
     metrics["per_class"] = {
-        name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-               "support": int(support[i])}
+        name: {"precision": float(scores["precision"][i]), "recall": float(scores["recall"][i]),
+               "f1": float(scores["f1"][i]), "support": int(scores["support"][i])}
         for i, name in enumerate(class_names)
     }
-    matrix = confusion_matrix(y_true, y_pred, labels=all_labels)
     off_diagonal = [(int(matrix[i, j]), class_names[i], class_names[j])
                     for i in range(k) for j in range(k) if i != j and matrix[i, j] > 0]
     metrics["most_confused"] = [
@@ -97,7 +105,7 @@ def compute_metrics(predictions: Predictions, class_names: list[str], top_confus
         for c, t, p_ in sorted(off_diagonal, key=lambda x: (-x[0], x[1], x[2]))[:top_confused]
     ]
     metrics["expected_calibration_error"] = expected_calibration_error(
-        predictions.probabilities, y_true)
+        predictions.probabilities, predictions.labels)
     return metrics
 
 
@@ -117,16 +125,19 @@ def read_confusion_matrix_csv(path: Path) -> tuple[np.ndarray, list[str]]:
 
 
 def write_report(out_dir: str | Path, predictions: Predictions, class_names: list[str],
-                 image_ids: list[str]) -> dict:
-    """eval/metrics.json, confusion_matrix.csv, predictions.csv, classification_report.txt."""
+                 image_ids: list[str], *, matrix: np.ndarray | None = None) -> dict:
+    """eval/metrics.json, confusion_matrix.csv, predictions.csv, classification_report.txt.
+
+    `matrix`: the class_confusion_matrix of `predictions`, when the caller has it already.
+    """
     from sklearn.metrics import classification_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = compute_metrics(predictions, class_names)
+    if matrix is None:
+        matrix = class_confusion_matrix(predictions, len(class_names))
+    metrics = compute_metrics(predictions, class_names, matrix=matrix)
     save_results(out_dir, metrics, file_name="metrics.json")  # with evaluate's system info
-    matrix = confusion_matrix(predictions.labels, predictions.predicted,
-                              labels=list(range(len(class_names))))
     write_confusion_matrix_csv(out_dir / "confusion_matrix.csv", matrix, class_names)
     with open(out_dir / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -135,6 +146,8 @@ def write_report(out_dir: str | Path, predictions: Predictions, class_names: lis
             writer.writerow([image_ids[predictions.indices[i]], class_names[predictions.labels[i]],
                              class_names[predictions.predicted[i]],
                              f"{predictions.probabilities[i].max():.4f}"])
+    # from the samples, not the matrix's weighted cells: with weights its support column
+    # would print as floats (21.0)
     report = classification_report(predictions.labels, predictions.predicted,
                                    labels=list(range(len(class_names))),
                                    target_names=class_names, digits=4, zero_division=0)
@@ -183,8 +196,9 @@ def evaluate_and_report(model, loader, accelerator, *, dataset, class_names: lis
         return None
     out_dir = Path(out_dir)
     image_ids = dataset["image_id"][:]
-    metrics = write_report(out_dir, predictions, class_names, image_ids)
-    matrix = confusion_matrix(predictions.labels, predictions.predicted, labels=list(range(len(class_names))))
+    # once: the metrics, the CSV and the plot all read this one
+    matrix = class_confusion_matrix(predictions, len(class_names))
+    metrics = write_report(out_dir, predictions, class_names, image_ids, matrix=matrix)
     plot_confusion_matrix(matrix, class_names, out_dir / "confusion_matrix.png")
 
     mean, std = data_config["mean"], data_config["std"]

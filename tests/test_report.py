@@ -18,7 +18,12 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support, top_k_accuracy_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
 
 from pet_pipeline import plots
 from pet_pipeline.breeds import BREEDS, CAT_BREEDS
@@ -42,6 +47,22 @@ def fixed_predictions(k: int, n: int = 300, seed: int = 0) -> tuple[np.ndarray, 
     return labels, probabilities.argmax(axis=1), probabilities
 
 
+NEVER_PREDICTED, NEVER_PRESENT = 1, 2  # in predictions_with_gaps; and k-1 is neither
+
+
+def predictions_with_gaps(k: int = 12, n: int = 240, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) where precision, recall or both divide by zero for some class."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice([c for c in range(k - 1) if c != NEVER_PRESENT], size=n)
+    probabilities = rng.dirichlet(np.ones(k), size=n)
+    boost = rng.random(n) < 0.6
+    probabilities[boost, labels[boost]] += 1.0
+    probabilities[:, [NEVER_PREDICTED, k - 1]] *= 0.01  # a score but never the top one
+    probabilities[rng.random(n) < 0.1, NEVER_PRESENT] += 3.0
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    return labels, probabilities
+
+
 def assert_png(path: Path, min_width: int = 300, min_height: int = 200) -> tuple[int, int]:
     assert path.is_file()
     assert path.read_bytes()[:8] == PNG_SIGNATURE
@@ -57,10 +78,30 @@ def assert_png(path: Path, min_width: int = 300, min_height: int = 200) -> tuple
 
 OFFLINE_SCRIPT = """
 import json, sys
+from pathlib import Path
 import numpy as np
+import pet_pipeline.metrics
+from pet_pipeline.evaluation import Predictions, compute_metrics, write_report
 from pet_pipeline.metrics import compute_with_evaluate, load_metric, save_results
 
-out = {}
+loads = []  # every evaluate.load of this process, by metric folder name
+real_load = pet_pipeline.metrics.evaluate.load
+def counting_load(path, *args, **kwargs):
+    loads.append(Path(path).name)
+    return real_load(path, *args, **kwargs)
+pet_pipeline.metrics.evaluate.load = counting_load
+data = np.load(f"{sys.argv[1]}/predictions_12.npz")
+twelve = Predictions(data["probabilities"], data["labels"], np.arange(len(data["labels"])))
+out = {"loads": {}}
+first = compute_metrics(twelve, [f"breed_{i}" for i in range(12)])
+out["loads"]["first"] = list(loads)
+out["loads"]["same"] = compute_metrics(twelve, [f"breed_{i}" for i in range(12)]) == first
+out["loads"]["second"] = list(loads)
+
+data = np.load(f"{sys.argv[1]}/gaps.npz")
+write_report(sys.argv[1] + "/report", Predictions(data["probabilities"], data["labels"],
+                                                  np.arange(len(data["labels"]))),
+             [f"breed_{i}" for i in range(12)], [f"image_{i}" for i in range(len(data["labels"]))])
 for k in (3, 12, 37):
     data = np.load(f"{sys.argv[1]}/predictions_{k}.npz")
     out[k] = compute_with_evaluate(data["labels"], data["predicted"], data["probabilities"])
@@ -74,6 +115,7 @@ except ValueError as e:
 out["saved_default"] = str(save_results(sys.argv[1] + "/saved", out[12]))
 out["saved_named"] = str(save_results(sys.argv[1] + "/saved", {**out[12], "n": np.int64(300)},
                                       file_name="metrics.json"))
+out["loads"]["end"] = list(loads)
 print(json.dumps(out))
 """
 
@@ -87,6 +129,8 @@ def offline_results(tmp_path_factory):
         labels, predicted, probabilities = fixed_predictions(k)
         np.savez(work / f"predictions_{k}.npz", labels=labels, predicted=predicted,
                  probabilities=probabilities)
+    labels, probabilities = predictions_with_gaps()
+    np.savez(work / "gaps.npz", labels=labels, probabilities=probabilities)
     hf_home = work / "hf-home"
     hf_home.mkdir()
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -126,8 +170,52 @@ def test_local_evaluate_per_class_and_small_k(offline_results):
     np.testing.assert_allclose(results["per_class"]["precision"], p)
     np.testing.assert_allclose(results["per_class"]["recall"], r)
     np.testing.assert_allclose(results["per_class"]["f1"], f)
+    np.testing.assert_array_equal(results["per_class"]["support"], np.bincount(labels, minlength=12))
     assert "top5_accuracy" not in results["3"]  # top-5 of 3 classes says nothing
     assert "bleu" in results["unknown"] and "accuracy" in results["unknown"]
+
+
+def test_report_figures_equal_sklearn_on_the_samples(offline_results):
+    """metrics.json and confusion_matrix.csv of write_report, which derives its figures from
+    one confusion matrix, against scikit-learn run on the samples themselves."""
+    from pet_pipeline.evaluation import read_confusion_matrix_csv
+
+    work = offline_results[1]
+    labels, probabilities = predictions_with_gaps()
+    predicted, k = probabilities.argmax(axis=1), probabilities.shape[1]
+    all_classes = list(range(k))
+    assert NEVER_PREDICTED in labels and NEVER_PREDICTED not in predicted
+    assert NEVER_PRESENT in predicted and NEVER_PRESENT not in labels
+    assert k - 1 not in labels and k - 1 not in predicted
+    saved = json.loads((work / "report" / "metrics.json").read_text())
+
+    expected = {"n": len(labels), "accuracy": accuracy_score(labels, predicted),
+                "top5_accuracy": top_k_accuracy_score(labels, probabilities, k=5, labels=all_classes)}
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(labels, predicted, labels=all_classes,
+                                                     average=average, zero_division=0)
+        expected.update({f"{average}_precision": p, f"{average}_recall": r, f"{average}_f1": f})
+    assert {key: saved[key] for key in expected} == expected  # exactly, not approximately
+    p, r, f, support = precision_recall_fscore_support(labels, predicted, labels=all_classes,
+                                                       zero_division=0)
+    assert saved["per_class"] == {
+        f"breed_{i}": {"precision": p[i], "recall": r[i], "f1": f[i], "support": support[i]}
+        for i in all_classes}
+    assert saved["per_class"][f"breed_{NEVER_PREDICTED}"]["precision"] == 0.0
+    assert saved["per_class"][f"breed_{NEVER_PRESENT}"]["recall"] == 0.0
+    assert saved["per_class"][f"breed_{k - 1}"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    matrix, names = read_confusion_matrix_csv(work / "report" / "confusion_matrix.csv")
+    np.testing.assert_array_equal(matrix, confusion_matrix(labels, predicted, labels=all_classes))
+    assert names == [f"breed_{i}" for i in all_classes]
+
+
+def test_metric_modules_are_loaded_once_a_process(offline_results):
+    """Validation after validation, and the final report, reuse the modules loaded first."""
+    loads = offline_results[0]["loads"]
+    assert sorted(loads["first"]) == ["accuracy", "precision_recall_f1", "top_k_accuracy"]
+    assert loads["second"] == loads["first"], "a second compute_metrics loaded the metric modules again"
+    assert loads["same"]
+    assert loads["end"] == loads["first"], "write_report, compute_with_evaluate or load_metric loaded again"
 
 
 def test_save_results_writes_evaluate_json(offline_results):
@@ -161,8 +249,6 @@ def test_save_results_outside_a_git_checkout_prints_no_git_error(tmp_path):
 # ------------------------------------------------------------------ figures
 
 def confusion(k: int, seed: int = 0) -> np.ndarray:
-    from sklearn.metrics import confusion_matrix
-
     labels, predicted, _ = fixed_predictions(k, n=20 * k, seed=seed)
     return confusion_matrix(labels, predicted, labels=list(range(k)))
 

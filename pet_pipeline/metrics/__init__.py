@@ -1,7 +1,8 @@
 """Metrics with Hugging Face `evaluate`, from metric scripts that ship inside this package.
 
-    metric = load_metric("accuracy")                  # an evaluate.EvaluationModule
+    metric = load_metric("accuracy")                  # an evaluate.EvaluationModule, loaded once a process
     results = compute_with_evaluate(labels, predicted, probabilities)
+    scores = per_class_scores(matrix)                 # from a (K, K) confusion matrix
     save_results(out / "eval", results, file_name="metrics.json")
 
 `evaluate.load("accuracy")` downloads its script from the Hub and fails on an offline
@@ -12,10 +13,15 @@ its modules cache there). The scripts are the Hub's structure with scikit-learn 
     accuracy/accuracy.py                        accuracy
     precision_recall_f1/precision_recall_f1.py  precision, recall, f1 (average= macro, weighted, ...)
     top_k_accuracy/top_k_accuracy.py            top_k_accuracy (k=5 by default)
+
+Accuracy and precision/recall/F1 are computed from the confusion matrix's K*K cells, each
+weighted by its count (`confusion_cells`): scikit-learn gives exactly the figures it gives
+on the n samples, and a report that has the matrix already needs no second pass over them.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 import importlib.util
 import json
@@ -25,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import confusion_matrix
 
 
 def _import_evaluate_library():
@@ -63,39 +70,65 @@ LOCAL_METRICS = ("accuracy", "precision_recall_f1", "top_k_accuracy")
 
 
 def load_metric(name: str) -> evaluate.EvaluationModule:
-    """One of LOCAL_METRICS, loaded from its script in this package, offline."""
-    script_dir = METRICS_DIR / name
-    if not (script_dir / f"{name}.py").is_file():
+    """One of LOCAL_METRICS, loaded from its script in this package, offline; the same module
+    object on every call in a process."""
+    if not (METRICS_DIR / name / f"{name}.py").is_file():
         raise ValueError(f"metric: {name!r} is not shipped with pet_pipeline; choose from {LOCAL_METRICS}.")
+    return _load_local_metric(name)
+
+
+@functools.cache
+def _load_local_metric(name: str) -> evaluate.EvaluationModule:
+    # Cached: on every call evaluate.load parses the script, hashes and copies it into its
+    # modules cache and builds a new module, which every validation paid for. One module can
+    # be reused: compute() empties it again.
     # keep_in_memory: no Arrow cache file and file lock under HF_HOME per computation, which
     # shared cluster filesystems handle badly. (Single process only, which is how we use it:
     # predictions are gathered with gather_for_metrics first.)
-    return evaluate.load(str(script_dir), keep_in_memory=True)
+    return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
 
 
-def compute_with_evaluate(labels, predicted, probabilities) -> dict:
+def confusion_cells(matrix) -> dict:
+    """`references`, `predictions` and `sample_weight` for a metric module: one sample per
+    cell of the (K, K) confusion `matrix` (rows true, columns predicted), weighted by its count."""
+    matrix = np.asarray(matrix)
+    references, predictions = np.indices(matrix.shape).reshape(2, -1)
+    return {"references": references.tolist(), "predictions": predictions.tolist(),
+            "sample_weight": matrix.ravel().tolist()}
+
+
+def compute_with_evaluate(labels, predicted, probabilities, *, matrix=None) -> dict:
     """accuracy, top5_accuracy (when K > 5), macro_/weighted_ precision, recall, f1.
 
     `probabilities` is (n, K); K, not the classes that happen to occur in `labels`, sets the
     class list, so a class absent from this split still counts (as 0) in macro averages.
-    Keys match `evaluation.compute_metrics`.
+    `matrix` is the (K, K) confusion matrix of `labels` against `predicted`, when the caller
+    has it already. Keys match `evaluation.compute_metrics`.
     """
-    labels = np.asarray(labels).tolist()
-    predicted = np.asarray(predicted).tolist()
     probabilities = np.asarray(probabilities, dtype=np.float64)
     all_classes = list(range(probabilities.shape[1]))
+    if matrix is None:
+        matrix = confusion_matrix(labels, predicted, labels=all_classes)
+    cells = confusion_cells(matrix)
 
-    results = load_metric("accuracy").compute(predictions=predicted, references=labels)
+    results = load_metric("accuracy").compute(**cells)
     if len(all_classes) > 5:  # top-5 of 5 or fewer classes is always 1
         top_k = load_metric("top_k_accuracy").compute(
-            prediction_scores=probabilities, references=labels, k=5, labels=all_classes)
+            prediction_scores=probabilities, references=np.asarray(labels).tolist(), k=5,
+            labels=all_classes)
         results["top5_accuracy"] = top_k["top_k_accuracy"]
     precision_recall_f1 = load_metric("precision_recall_f1")
     for average in ("macro", "weighted"):
-        scores = precision_recall_f1.compute(predictions=predicted, references=labels, average=average,
-                                             labels=all_classes, zero_division=0)
+        scores = precision_recall_f1.compute(**cells, average=average, labels=all_classes, zero_division=0)
         results.update({f"{average}_{name}": value for name, value in scores.items()})
     return results
+
+
+def per_class_scores(matrix) -> dict:
+    """`precision`, `recall`, `f1` and `support`: lists in class order, from the (K, K)
+    confusion `matrix` (a class without predictions or samples gets 0)."""
+    return load_metric("precision_recall_f1").compute(
+        **confusion_cells(matrix), average=None, labels=list(range(len(matrix))), zero_division=0)
 
 
 def _plain(value):

@@ -27,6 +27,8 @@ Args:
 
 Returns:
     precision, recall, f1 (`float`, or `list` of `float` when `average=None`).
+    support (`list`, only when `average=None`): the number of true samples a class (their total
+        weight, with `sample_weight`).
 
 Examples:
     >>> metric = evaluate.load("pet_pipeline/metrics/precision_recall_f1")
@@ -64,9 +66,10 @@ class PrecisionRecallF1(evaluate.Metric):
 
     def _compute(self, predictions, references, average="macro", labels=None, zero_division=0,
                  sample_weight=None):
-        precision, recall, f1, _ = precision_recall_fscore_support(
+        precision, recall, f1, support = precision_recall_fscore_support(
             references, predictions, average=average, labels=labels, zero_division=zero_division,
             sample_weight=sample_weight)
         if average is None:  # per class: numpy arrays -> JSON-friendly lists
-            return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist()}
+            return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+                    "support": support.tolist()}
         return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
