@@ -152,10 +152,12 @@ def test_head_epochs_train_the_classifier_first_then_everything_and_resume_exact
     final = load_file(str(last / "model.safetensors"))
     assert len(backbone_moved(final, initial)) > len(initial) // 2, "the backbone did not train after it"
 
-    # a start from the checkpoint at the phase switch gives the uninterrupted run's weights
+    # a new output_dir started from the checkpoint at the phase switch (resume: PATH, which
+    # never changes PATH) gives the uninterrupted run's weights
     uninterrupted = {k: v.clone() for k, v in final.items()}
-    assert_ok(run_train([*args, "--resume", str(head_phase_end)], env))
-    resumed = load_file(str(list_checkpoints(out)[-1] / "model.safetensors"))
+    branch = tmp_path / "from-the-head-phase"
+    assert_ok(run_train([*args[:-1], str(branch), "--resume", str(head_phase_end)], env))
+    resumed = load_file(str(list_checkpoints(branch)[-1] / "model.safetensors"))
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
 

@@ -382,12 +382,19 @@ def test_resume_overwrite_starts_fresh_and_resume_path_uses_that_checkpoint(tmp_
     args = [*TINY, "--val_fraction", "0", "--keep_checkpoints", "5", "--output_dir", str(out)]
     assert_ok(run_train([*args, "--epochs", "2"], env))
     first, second = list_checkpoints(out)
-    again = run_train([*args, "--epochs", "3", "--resume", str(first)], env)
+    # an earlier checkpoint of this run is refused in place: it would rewrite the run's history
+    in_place = run_train([*args, "--epochs", "3", "--resume", str(first)], env)
+    assert in_place.returncode == 2 and "another output_dir" in in_place.stderr
+    assert list_checkpoints(out) == [first, second]
+    # a new output_dir starts from it, and PATH is never changed
+    branch = tmp_path / "branch"
+    again = run_train([*args[:-1], str(branch), "--epochs", "3", "--resume", str(first)], env)
     assert_ok(again)
     first_step = json.loads((first / "train_state.json").read_text())["global_step"]  # 12 a epoch
     assert f"resuming from {first.name}, step {first_step}" in again.stdout
-    epochs = [json.loads((c / "train_state.json").read_text())["epoch"] for c in list_checkpoints(out)]
-    assert epochs == [1, 2, 3]
+    epochs = [json.loads((c / "train_state.json").read_text())["epoch"] for c in list_checkpoints(branch)]
+    assert epochs == [2, 3]
+    assert list_checkpoints(out) == [first, second]
     fresh = run_train([*args, "--epochs", "1", "--resume", "overwrite"], env)
     assert_ok(fresh)
     assert "resuming" not in fresh.stdout
