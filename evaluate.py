@@ -56,61 +56,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(config: EvalConfig) -> int:
-    import torch
     from accelerate import Accelerator
 
-    from pet_pipeline.breeds import kept_breeds
     from pet_pipeline.data import load_pets
     from pet_pipeline.evaluation import evaluate_and_report
-    from pet_pipeline.loader import PetTorchDataset, build_dataloader, default_num_workers
     from pet_pipeline.model import load_trained_model
-    from pet_pipeline.transforms import build_eval_transform, decode_size
 
     # ------------------------------------------------------------------ model (before any data)
     model, description = load_trained_model(config.model_dir)
-    model_dir = Path(config.model_dir)
-    run_config = description["run_dir"] / "config.yaml"
     class_names = list(description["label_names"])
     data_config = description["data_config"]
-    if config.species is not None or config.breeds is not None:
-        wanted = kept_breeds(config.species or "all", config.breeds)
-        if wanted != class_names:
-            raise UserError(
-                f"species/breeds: the data would have {len(wanted)} classes ({', '.join(wanted[:3])}"
-                f"...) but the model knows {len(class_names)} ({', '.join(class_names[:3])}...); "
-                "leave species and breeds out to use the model's classes."
-            )
-    run_data = resolve_data_keys(config, run_config if run_config.is_file() else None)
-    data = dict(run_data)
-    if config.split == "val" and not data["val_fraction"]:
-        raise UserError("split: val needs val_fraction > 0; the training run had no validation split.")
-    if config.split == "test":
-        # the test split is the annotation file's, whatever the validation split: don't make
-        # one (train is trainval minus val, so --split train keeps the run's val_fraction)
-        data["val_fraction"] = 0
-    # beside model/ as eval_SPLIT; for a checkpoint, in the run folder as eval_SPLIT_step_N
-    # (not inside checkpoints/, which holds checkpoints only)
-    default_name = f"eval_{config.split}" + ("" if model_dir.parent == description["run_dir"]
-                                             else f"_{model_dir.name}")
-    out = Path(config.output_dir) if config.output_dir else description["run_dir"] / default_name
+    check_classes(config, class_names)
+    run_data = resolve_data_keys(config, run_config_file(description))
+    data = data_keys_for_split(config, run_data)
+    out = report_folder(config, description)
 
     # ------------------------------------------------------------------ accelerator and data
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    with accelerator.local_main_process_first():
-        pets = load_pets(species="all", breeds=class_names, **data)
-    for note in pets.notes:
-        accelerator.print(note)
-    dataset = {"test": pets.test, "val": pets.val, "train": pets.train}[config.split]
-    if dataset is None or len(dataset) == 0:
-        raise UserError(f"split: the {config.split} split is empty after filtering; check the data keys.")
-    eval_set = PetTorchDataset(dataset, build_eval_transform(data_config),
-                               min_side=decode_size(data_config, None))
-    num_workers = config.num_workers if config.num_workers is not None else default_num_workers()
-    loader = build_dataloader(eval_set, batch_size=config.batch_size, train=False, seed=0,
-                              num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
-    if accelerator.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model, loader = accelerator.prepare(model, loader)
+    pets, dataset = load_split(config, accelerator, class_names, data)
+    model, loader = prepare_model_and_loader(config, accelerator, model, dataset, data_config)
 
     # ------------------------------------------------------------------ evaluation
     accelerator.print(f"evaluating {description['architecture']} ({len(class_names)} classes) on "
@@ -131,18 +95,96 @@ def evaluate(config: EvalConfig) -> int:
     return 0
 
 
-def push_evaluated_model(config: EvalConfig, model, description: dict, *, metrics: dict, report_dir: Path,
-                         run_data: dict, split_sizes: dict) -> None:
+def run_config_file(description: dict) -> Path | None:
+    """The training run's config.yaml, when the run folder still has it."""
+    path = description["run_dir"] / "config.yaml"
+    return path if path.is_file() else None
+
+
+def check_classes(config: EvalConfig, class_names: list[str]) -> None:
+    """`species` and `breeds` may only name the model's own classes."""
+    if config.species is None and config.breeds is None:
+        return
+    from pet_pipeline.breeds import kept_breeds
+
+    wanted = kept_breeds(config.species or "all", config.breeds)
+    if wanted != class_names:
+        raise UserError(
+            f"species/breeds: the data would have {len(wanted)} classes ({', '.join(wanted[:3])}"
+            f"...) but the model knows {len(class_names)} ({', '.join(class_names[:3])}...); "
+            "leave species and breeds out to use the model's classes."
+        )
+
+
+def data_keys_for_split(config: EvalConfig, run_data: dict) -> dict:
+    """The data keys that give `config.split`: the run's, without a validation split for test."""
+    data = dict(run_data)
+    if config.split == "val" and not data["val_fraction"]:
+        raise UserError("split: val needs val_fraction > 0; the training run had no validation split.")
+    if config.split == "test":
+        # the test split is the annotation file's, whatever the validation split: don't make
+        # one (train is trainval minus val, so --split train keeps the run's val_fraction)
+        data["val_fraction"] = 0
+    return data
+
+
+def report_folder(config: EvalConfig, description: dict) -> Path:
+    """`output_dir`, or beside model/ as eval_SPLIT; for a checkpoint, in the run folder as
+    eval_SPLIT_step_N (not inside checkpoints/, which holds checkpoints only)."""
+    if config.output_dir:
+        return Path(config.output_dir)
+    model_dir = Path(config.model_dir)
+    suffix = "" if model_dir.parent == description["run_dir"] else f"_{model_dir.name}"
+    return description["run_dir"] / f"eval_{config.split}{suffix}"
+
+
+def load_split(config: EvalConfig, accelerator, class_names: list[str], data: dict):
+    """(all the splits, the one to evaluate) of the model's classes; a UserError when it is empty."""
+    from pet_pipeline.data import load_pets
+
+    with accelerator.local_main_process_first():
+        pets = load_pets(species="all", breeds=class_names, **data)
+    for note in pets.notes:
+        accelerator.print(note)
+    dataset = {"test": pets.test, "val": pets.val, "train": pets.train}[config.split]
+    if dataset is None or len(dataset) == 0:
+        raise UserError(f"split: the {config.split} split is empty after filtering; check the data keys.")
+    return pets, dataset
+
+
+def prepare_model_and_loader(config: EvalConfig, accelerator, model, dataset, data_config: dict):
+    """The model and an eval DataLoader of `dataset`, prepared by the accelerator."""
+    import torch
+
+    from pet_pipeline.loader import PetTorchDataset, build_dataloader, default_num_workers
+    from pet_pipeline.transforms import build_eval_transform, decode_size
+
+    eval_set = PetTorchDataset(dataset, build_eval_transform(data_config),
+                               min_side=decode_size(data_config, None))
+    num_workers = config.num_workers if config.num_workers is not None else default_num_workers()
+    loader = build_dataloader(eval_set, batch_size=config.batch_size, train=False, seed=0,
+                              num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
+    if accelerator.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return accelerator.prepare(model, loader)
+
+
+def push_evaluated_model(config: EvalConfig, model, description: dict, *, metrics: dict, split_sizes: dict,
+                         report_dir: Path | None = None, run_data: dict | None = None) -> None:
     """The model in timm's format, with a card of this evaluation, to the Hub in one commit
-    (exported aside: a checkpoint or an older model/ folder is uploaded in today's format)."""
+    (exported aside: a checkpoint or an older model/ folder is uploaded in today's format).
+    `report_dir` and `run_data` default to evaluate()'s: its report_folder, and the data keys
+    of the training run as resolve_data_keys gives them."""
     import tempfile
 
     from pet_pipeline.hub import push_folder, write_model_card
     from pet_pipeline.model import export_model
 
-    run_config_file = description["run_dir"] / "config.yaml"
+    report_dir = report_folder(config, description) if report_dir is None else report_dir
+    config_file = run_config_file(description)
+    run_data = resolve_data_keys(config, config_file) if run_data is None else run_data
     run_config = {"model": description["architecture"],
-                  **(read_yaml(str(run_config_file)) if run_config_file.is_file() else {}), **run_data}
+                  **(read_yaml(str(config_file)) if config_file else {}), **run_data}
     with tempfile.TemporaryDirectory() as staging:
         export_model(model, staging, class_names=description["label_names"],
                      data_config=description["data_config"])

@@ -162,46 +162,62 @@ def load_local(data_dir: str | Path, class_names: list[str]) -> tuple[dict, list
     """{'trainval': Dataset, 'test': Dataset} of the kept breeds, what was left out, and the
     counts {'duplicates': n, 'leaks': n} (those are also named among what was left out)."""
     root = find_pet_root(data_dir)
-    images = Path(os.path.normpath(os.path.abspath(root / "images")))
-    images_real = Path(os.path.realpath(images))
-    features = pet_features(class_names)
     index = {name: i for i, name in enumerate(class_names)}
     problems = []
     counts = {"duplicates": 0, "leaks": 0}
     kept = {}  # split -> [(annotation, resolved path)]
     listed = {}  # split -> every normalised id the file lists, of any breed
     for split, filename in ANNOTATION_FILES.items():
-        rows, bad_lines = parse_annotations(root / "annotations" / filename)
-        problems += bad_lines
-        first = {}  # normalised id -> its first annotation in this file
-        kept[split] = []
-        for row in rows:
-            key = os.path.normpath(row.image_id)
-            earlier = first.get(key)
-            if earlier is not None:  # the same image twice in one file: kept once
-                if earlier.breed in index or row.breed in index:
-                    counts["duplicates"] += 1
-                    other = "" if row.breed == earlier.breed else (
-                        f" as {row.breed} (the first line's {earlier.breed} kept)")
-                    problems.append(f"annotations/{filename}:{row.line}: {image_name(row.image_id)} "
-                                    f"listed again{other}, first on line {earlier.line}; kept once")
-                continue
-            first[key] = row
-            if row.breed not in index:  # filter on the annotation, before touching the file
-                continue
-            path, reason = image_path(images, row.image_id, images_real)
-            if reason is None:
-                reason = check_image_file(path)
-            if reason:
-                problems.append(f"{image_name(row.image_id)}: {reason}")
-                continue
-            kept[split].append((row, path))
-        listed[split] = set(first)
-    # an image in both files would be tested on after training on it: training loses it
+        kept[split], listed[split] = _read_annotation_file(root, filename, index, problems, counts)
+    kept["trainval"] = _without_test_images(kept, listed["test"], problems, counts)
+    features = pet_features(class_names)
+    splits = {split: _local_dataset(entries, index, features) for split, entries in kept.items()}
+    return splits, problems, counts
+
+
+def _read_annotation_file(root: Path, filename: str, index: dict[str, int], problems: list[str],
+                          counts: dict) -> tuple[list, set[str]]:
+    """The kept breeds' [(annotation, resolved path)] of one annotation file, each image once
+    and its file checked, and the normalised ids of every image it lists, of any breed.
+    What it leaves out is appended to `problems`; a repeated image adds to counts["duplicates"]."""
+    images = Path(os.path.normpath(os.path.abspath(root / "images")))
+    images_real = Path(os.path.realpath(images))
+    rows, bad_lines = parse_annotations(root / "annotations" / filename)
+    problems += bad_lines
+    first = {}  # normalised id -> its first annotation in this file
+    kept = []
+    for row in rows:
+        key = os.path.normpath(row.image_id)
+        earlier = first.get(key)
+        if earlier is not None:  # the same image twice in one file: kept once
+            if earlier.breed in index or row.breed in index:
+                counts["duplicates"] += 1
+                other = "" if row.breed == earlier.breed else (
+                    f" as {row.breed} (the first line's {earlier.breed} kept)")
+                problems.append(f"annotations/{filename}:{row.line}: {image_name(row.image_id)} "
+                                f"listed again{other}, first on line {earlier.line}; kept once")
+            continue
+        first[key] = row
+        if row.breed not in index:  # filter on the annotation, before touching the file
+            continue
+        path, reason = image_path(images, row.image_id, images_real)
+        if reason is None:
+            reason = check_image_file(path)
+        if reason:
+            problems.append(f"{image_name(row.image_id)}: {reason}")
+            continue
+        kept.append((row, path))
+    return kept, set(first)
+
+
+def _without_test_images(kept: dict, listed_in_test: set[str], problems: list[str], counts: dict) -> list:
+    """kept["trainval"] without the images of kept["test"]: an image in both files would be
+    tested on after training on it, so training loses it. Each one adds to counts["leaks"]
+    and to `problems`."""
     test_files = {path: row.image_id for row, path in kept["test"]}
     trainval = []
     for row, path in kept["trainval"]:
-        if os.path.normpath(row.image_id) in listed["test"]:
+        if os.path.normpath(row.image_id) in listed_in_test:
             where = "listed in both trainval.txt and test.txt"
         elif path in test_files:  # another name (a symlink) for a test image's file
             where = f"the same file as test image {test_files[path]}"
@@ -211,17 +227,18 @@ def load_local(data_dir: str | Path, class_names: list[str]) -> tuple[dict, list
         counts["leaks"] += 1
         problems.append(f"{image_name(row.image_id)}: {where} (a train/test leak); "
                         "left out of training, kept in test")
-    kept["trainval"] = trainval
-    splits = {}
-    for split, entries in kept.items():
-        columns = {
-            "image": [str(path) for _, path in entries],
-            "label": [index[row.breed] for row, _ in entries],
-            "species": [SPECIES_NAMES.index(_species(row.breed)) for row, _ in entries],
-            "image_id": [row.image_id for row, _ in entries],
-        }
-        splits[split] = datasets.Dataset.from_dict(columns, features=features)
-    return splits, problems, counts
+    return trainval
+
+
+def _local_dataset(entries: list, index: dict[str, int], features: Features) -> datasets.Dataset:
+    """One split's [(annotation, resolved path)] as a Dataset in our schema."""
+    columns = {
+        "image": [str(path) for _, path in entries],
+        "label": [index[row.breed] for row, _ in entries],
+        "species": [SPECIES_NAMES.index(_species(row.breed)) for row, _ in entries],
+        "image_id": [row.image_id for row, _ in entries],
+    }
+    return datasets.Dataset.from_dict(columns, features=features)
 
 
 # ----------------------------------------------------------------------------- the Hub

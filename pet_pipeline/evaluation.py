@@ -10,12 +10,18 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix
 
 from pet_pipeline.metrics import compute_with_evaluate, per_class_scores, save_results
+
+if TYPE_CHECKING:
+    import datasets
+
+    from pet_pipeline.plots import Guesses
 
 STOPPED = "stopped"  # what evaluate_and_report returns when a stop signal interrupted it
 
@@ -158,6 +164,37 @@ def write_report(out_dir: str | Path, predictions: Predictions, class_names: lis
 # ----------------------------------------------------------------------------- the full report
 
 
+@dataclass
+class ReportInputs:
+    """What an evaluation's report is made of, and the folder it goes to."""
+
+    out_dir: Path
+    predictions: Predictions
+    dataset: datasets.Dataset  # the evaluated images; predictions.indices are its rows
+    class_names: list[str]
+    data_config: dict  # the eval transform's: how the model saw the images
+    image_ids: list[str]  # of `dataset`'s rows
+
+    def pixels(self, positions: np.ndarray) -> torch.Tensor | None:
+        """The model inputs of these positions in `predictions`."""
+        return _model_inputs(self.dataset, self.predictions.indices[positions], self.data_config)
+
+    def pictures(self, pixels: torch.Tensor) -> list[np.ndarray]:
+        """Model inputs as images to show (HWC, [0, 1])."""
+        from pet_pipeline.gradcam import denormalize
+
+        return list(denormalize(pixels, self.data_config["mean"], self.data_config["std"]))
+
+    def guesses(self, positions: np.ndarray) -> Guesses:
+        """True class, predicted class and confidence of these positions in `predictions`."""
+        from pet_pipeline.plots import Guesses
+
+        predictions, names = self.predictions, self.class_names
+        return Guesses(true_names=[names[i] for i in predictions.labels[positions]],
+                       predicted_names=[names[i] for i in predictions.predicted[positions]],
+                       confidences=predictions.probabilities[positions].max(axis=1))
+
+
 def _sample_indices(predictions: Predictions, count: int, seed: int = 0) -> np.ndarray:
     """Up to `count` positions for the sample grid: a fixed random draw, mistakes first."""
     rng = np.random.default_rng(seed)
@@ -176,59 +213,70 @@ def _model_inputs(dataset, rows, data_config):
     return torch.stack([view[int(i)]["pixel_values"] for i in rows]) if len(rows) else None
 
 
-def evaluate_and_report(model, loader, accelerator, *, dataset, class_names: list[str],
-                        data_config: dict, out_dir: str | Path, gradcam_images: int = 8,
+def evaluate_and_report(model, loader, accelerator, *, data_config: dict, out_dir: str | Path,
+                        dataset=None, class_names: list[str] | None = None, gradcam_images: int = 8,
                         sample_images: int = 10, step: int | None = None, should_stop=None):
     """Predict on every rank, then (main process) write the report and send it to the trackers.
 
     Files in `out_dir`: metrics.json, confusion_matrix.csv/.png, predictions.csv,
     classification_report.txt, prediction_samples.png, misclassified_gradcam.png.
+    `dataset` is the datasets.Dataset that `loader` reads (by default the one behind its
+    PetTorchDataset); `class_names` default to its label names.
     Returns the metrics on the main process, None elsewhere, and STOPPED on every rank when
     `should_stop()` said yes during prediction (a preemption signal).
     """
-    from pet_pipeline.gradcam import denormalize
-    from pet_pipeline.plots import plot_confusion_matrix, plot_gradcam_gallery, plot_prediction_samples
+    from pet_pipeline.plots import plot_confusion_matrix
 
+    dataset = loader.dataset.source if dataset is None else dataset
+    class_names = dataset.features["label"].names if class_names is None else class_names
     predictions = predict(model, loader, accelerator, should_stop=should_stop)
     if predictions is None:
         return STOPPED
     if not accelerator.is_main_process:
         return None
-    out_dir = Path(out_dir)
-    image_ids = dataset["image_id"][:]
+    report = ReportInputs(out_dir=Path(out_dir), predictions=predictions, dataset=dataset,
+                          class_names=class_names, data_config=data_config,
+                          image_ids=dataset["image_id"][:])
     # once: the metrics, the CSV and the plot all read this one
     matrix = class_confusion_matrix(predictions, len(class_names))
-    metrics = write_report(out_dir, predictions, class_names, image_ids, matrix=matrix)
-    plot_confusion_matrix(matrix, class_names, out_dir / "confusion_matrix.png")
-
-    mean, std = data_config["mean"], data_config["std"]
-    shown = _sample_indices(predictions, sample_images)
-    pixels = _model_inputs(dataset, predictions.indices[shown], data_config)
-    names = [class_names[i] for i in predictions.labels[shown]]
-    guessed = [class_names[i] for i in predictions.predicted[shown]]
-    confidence = predictions.probabilities[shown].max(axis=1)
-    plot_prediction_samples(list(denormalize(pixels, mean, std)) if pixels is not None else [],
-                            names, guessed, confidence, out_dir / "prediction_samples.png")
-
-    # Grad-CAM of the predicted class on the mistakes: what the model looked at when wrong
-    wrong = np.flatnonzero(predictions.predicted != predictions.labels)[:gradcam_images]
-    if len(wrong):
-        from pet_pipeline.gradcam import compute_gradcams  # pytorch-grad-cam, only when used
-
-        pixels = _model_inputs(dataset, predictions.indices[wrong], data_config)
-        raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
-        cams = compute_gradcams(raw_model, pixels.to(accelerator.device),
-                                [int(c) for c in predictions.predicted[wrong]])
-        plot_gradcam_gallery(list(denormalize(pixels, mean, std)), list(cams),
-                             [class_names[i] for i in predictions.labels[wrong]],
-                             [class_names[i] for i in predictions.predicted[wrong]],
-                             predictions.probabilities[wrong].max(axis=1),
-                             out_dir / "misclassified_gradcam.png")
+    metrics = write_report(report.out_dir, predictions, class_names, report.image_ids, matrix=matrix)
+    plot_confusion_matrix(matrix, class_names, report.out_dir / "confusion_matrix.png")
+    _plot_prediction_samples(report, sample_images)
+    _plot_gradcams_of_mistakes(report, model, accelerator, gradcam_images)
     thumbnails = ({} if not any(t.name == "wandb" for t in accelerator.trackers)
                   else thumbnails_of_mistakes(dataset, predictions, data_config))
-    log_report_to_trackers(accelerator, out_dir, predictions, metrics, class_names, image_ids, step,
-                           thumbnails=thumbnails)
+    log_report_to_trackers(accelerator, report, metrics, step=step, thumbnails=thumbnails)
     return metrics
+
+
+def _plot_prediction_samples(report: ReportInputs, count: int) -> None:
+    """prediction_samples.png: up to `count` images, mistakes first."""
+    from pet_pipeline.plots import plot_prediction_samples
+
+    shown = _sample_indices(report.predictions, count)
+    pixels = report.pixels(shown)
+    guesses = report.guesses(shown)
+    plot_prediction_samples(report.pictures(pixels) if pixels is not None else [],
+                            guesses.true_names, guesses.predicted_names, guesses.confidences,
+                            report.out_dir / "prediction_samples.png")
+
+
+def _plot_gradcams_of_mistakes(report: ReportInputs, model, accelerator, count: int) -> None:
+    """misclassified_gradcam.png: Grad-CAM of the predicted class on the first `count`
+    mistakes, what the model looked at when wrong (no file without a mistake)."""
+    predictions = report.predictions
+    wrong = np.flatnonzero(predictions.predicted != predictions.labels)[:count]
+    if not len(wrong):
+        return
+    from pet_pipeline.gradcam import compute_gradcams  # pytorch-grad-cam, only when used
+    from pet_pipeline.plots import plot_gradcam_gallery
+
+    pixels = report.pixels(wrong)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    cams = compute_gradcams(raw_model, pixels.to(accelerator.device),
+                            [int(c) for c in predictions.predicted[wrong]])
+    plot_gradcam_gallery(report.pictures(pixels), list(cams), report.guesses(wrong),
+                         report.out_dir / "misclassified_gradcam.png")
 
 
 MAX_THUMBNAILS = 500
@@ -254,8 +302,7 @@ def thumbnails_of_mistakes(dataset, predictions: Predictions, data_config: dict,
     return thumbnails
 
 
-def log_report_to_trackers(accelerator, out_dir: Path, predictions: Predictions, metrics: dict,
-                           class_names: list[str], image_ids: list[str], step: int | None,
+def log_report_to_trackers(accelerator, report: ReportInputs, metrics: dict, *, step: int | None = None,
                            thumbnails: dict[int, np.ndarray] | None = None) -> None:
     """Final metrics as the run summary, the PNGs as images, predictions as a W&B table (with
     a thumbnail on the rows of `thumbnails`, the misclassified) and the confusion matrix as a
@@ -263,30 +310,37 @@ def log_report_to_trackers(accelerator, out_dir: Path, predictions: Predictions,
     scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
-            import wandb
-
-            run = tracker.run
-            run.summary.update(scalars)
-            images = {f"eval/{p.stem}": wandb.Image(str(p)) for p in sorted(out_dir.glob("*.png"))}
-            thumbnails = thumbnails or {}
-            table = wandb.Table(columns=["image_id", "true", "predicted", "confidence", "image"], data=[
-                [image_ids[i], class_names[t], class_names[p], float(c),
-                 wandb.Image(thumbnails[row]) if row in thumbnails else None]
-                for row, (i, t, p, c) in enumerate(zip(predictions.indices, predictions.labels,
-                                                       predictions.predicted,
-                                                       predictions.probabilities.max(axis=1)))])
-            # at the run's final step: without one, W&B moves its step past the final one and
-            # drops the test metrics and timings logged at that step afterwards
-            run.log({**images, "eval/predictions": table,
-                     "eval/confusion_matrix_plot": wandb.plot.confusion_matrix(
-                         y_true=predictions.labels.tolist(), preds=predictions.predicted.tolist(),
-                         class_names=class_names)}, **({"step": step} if step is not None else {}))
+            _log_to_wandb(tracker.run, report, scalars, step=step, thumbnails=thumbnails or {})
         elif tracker.name == "tensorboard":
-            from PIL import Image
+            _log_to_tensorboard(tracker.writer, report.out_dir, scalars, step=step)
 
-            for path in sorted(out_dir.glob("*.png")):
-                image = np.asarray(Image.open(path).convert("RGB"))
-                tracker.writer.add_image(f"eval/{path.stem}", image, global_step=step or 0,
-                                         dataformats="HWC")
-            for key, value in scalars.items():
-                tracker.writer.add_scalar(key, value, global_step=step or 0)
+
+def _log_to_wandb(run, report: ReportInputs, scalars: dict, *, step: int | None,
+                  thumbnails: dict[int, np.ndarray]) -> None:
+    import wandb
+
+    run.summary.update(scalars)
+    images = {f"eval/{p.stem}": wandb.Image(str(p)) for p in sorted(report.out_dir.glob("*.png"))}
+    predictions, names = report.predictions, report.class_names
+    table = wandb.Table(columns=["image_id", "true", "predicted", "confidence", "image"], data=[
+        [report.image_ids[i], names[t], names[p], float(c),
+         wandb.Image(thumbnails[row]) if row in thumbnails else None]
+        for row, (i, t, p, c) in enumerate(zip(predictions.indices, predictions.labels,
+                                               predictions.predicted,
+                                               predictions.probabilities.max(axis=1)))])
+    # at the run's final step: without one, W&B moves its step past the final one and
+    # drops the test metrics and timings logged at that step afterwards
+    run.log({**images, "eval/predictions": table,
+             "eval/confusion_matrix_plot": wandb.plot.confusion_matrix(
+                 y_true=predictions.labels.tolist(), preds=predictions.predicted.tolist(),
+                 class_names=names)}, **({"step": step} if step is not None else {}))
+
+
+def _log_to_tensorboard(writer, out_dir: Path, scalars: dict, *, step: int | None) -> None:
+    from PIL import Image
+
+    for path in sorted(out_dir.glob("*.png")):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        writer.add_image(f"eval/{path.stem}", image, global_step=step or 0, dataformats="HWC")
+    for key, value in scalars.items():
+        writer.add_scalar(key, value, global_step=step or 0)

@@ -14,6 +14,7 @@ results as model-index) above the test results, the data and the training config
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -85,65 +86,120 @@ def _metric_rows(metrics: dict) -> list[tuple[str, float]]:
     return [(label, metrics[key]) for key, label in names if key in metrics]
 
 
-def build_model_card(*, architecture: str, class_names: list[str], data_config: dict, metrics: dict,
-                     run_config: dict, split_sizes: dict, evaluated_split: str = "test",
-                     repo_id: str | None = None, base_model: str | None = None,
+@dataclass(frozen=True)
+class _Source:
+    """Where a run's images came from, in the card's words."""
+
+    synthetic: bool  # generated images (`dataset: synthetic` without a data_dir)
+    local: bool  # a data_dir
+    hub_dataset: str | None  # the Hub dataset's id; None for a local folder or generated images
+    species: str
+    classes: str  # how many of which breeds: "12 cat breeds"
+
+    @classmethod
+    def of(cls, run_config: dict, n_classes: int) -> _Source:
+        synthetic = run_config.get("dataset") == "synthetic" and not run_config.get("data_dir")
+        local = bool(run_config.get("data_dir"))
+        species = run_config.get("species", "cat")
+        kept = {"cat": "cat breeds", "dog": "dog breeds", "all": "breeds"}.get(species, "breeds")
+        return cls(synthetic=synthetic, local=local,
+                   hub_dataset=None if synthetic or local else run_config.get("dataset"),
+                   species=species, classes=f"{n_classes} {kept}")
+
+    @property
+    def eval_dataset(self) -> tuple[str, str]:
+        """(name, type) of the evaluated dataset in the card's model-index."""
+        if self.synthetic:
+            return f"generated pet images ({self.classes})", "synthetic"
+        return f"{DATASET_NAME} ({self.classes})", self.hub_dataset or "oxford-iiit-pet"
+
+    @property
+    def photos(self) -> str:
+        """What the model learnt from."""
+        if self.synthetic:
+            return "generated images"
+        return f"photos of {DATASET_NAME}, mostly one well-lit pet each"
+
+    @property
+    def description(self) -> str:
+        """The data section's "Source:"."""
+        if self.synthetic:
+            return ("generated images (`dataset: synthetic`), a check of the pipeline: the numbers "
+                    "below say nothing about real pets")
+        if self.local:
+            return f"a local copy of {DATASET_NAME}"
+        return f"{DATASET_NAME} from the Hub (`{self.hub_dataset}`)"
+
+
+def build_model_card(*, data_config: dict, metrics: dict, run_config: dict, split_sizes: dict,
+                     architecture: str | None = None, class_names: list[str] | None = None,
+                     evaluated_split: str = "test", repo_id: str | None = None, base_model: str | None = None,
                      license: str | None = None, has_confusion_matrix: bool = True):
     """The model card of a trained model, as a `huggingface_hub.ModelCard`.
 
     `metrics` is an eval/metrics.json (accuracy, top-5, macro and weighted P/R/F1, per class,
     n); `run_config` the training run's config; `split_sizes` images per split ("train",
     "val", "test"); `base_model` the Hub id of the weights training started from.
+    `architecture` defaults to the run's `model`, `class_names` to the classes of `metrics`
+    (its per-class rows, in the model's order).
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     run_config = dict(run_config)
-    synthetic = run_config.get("dataset") == "synthetic" and not run_config.get("data_dir")
-    hub_dataset = None if synthetic or run_config.get("data_dir") else run_config.get("dataset")
-    species = run_config.get("species", "cat")
-    size = data_config["input_size"][-1]
+    architecture = run_config["model"] if architecture is None else architecture
+    class_names = list(metrics["per_class"]) if class_names is None else class_names
+    source = _Source.of(run_config, len(class_names))
     model_name = repo_id.split("/")[-1] if repo_id else f"{architecture}-pets"
-    kept = {"cat": "cat breeds", "dog": "dog breeds", "all": "breeds"}.get(species, "breeds")
-    dataset_name = f"{DATASET_NAME} ({len(class_names)} {kept})"
-    dataset_kind = "oxford-iiit-pet"
-    if synthetic:
-        dataset_name, dataset_kind = f"generated pet images ({len(class_names)} {kept})", "synthetic"
-    results = [EvalResult(task_type="image-classification", dataset_type=hub_dataset or dataset_kind,
+    metadata = _card_metadata(source, metrics, evaluated_split, model_name=model_name,
+                              base_model=base_model, license=license)
+    lines = [
+        f"# {model_name}",
+        "",
+        f"A timm `{architecture}` {_how_trained(run_config)} with pet-pipeline to tell {source.classes} "
+        f"of {DATASET_NAME} apart from a photo, at {data_config['input_size'][-1]} px.",
+        "",
+        *_how_to_use(repo_id),
+        *_intended_use(len(class_names), source, split_sizes),
+        *_data_section(source, run_config, split_sizes),
+        *_results_section(metrics, evaluated_split, has_confusion_matrix),
+        *_config_section(run_config),
+    ]
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _card_metadata(source: _Source, metrics: dict, evaluated_split: str, *, model_name: str,
+                   base_model: str | None = None, license: str | None = None):
+    """The card's YAML metadata, with accuracy and macro F1 as its model-index results."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    dataset_name, dataset_type = source.eval_dataset
+    results = [EvalResult(task_type="image-classification", dataset_type=dataset_type,
                           dataset_name=dataset_name, dataset_split=evaluated_split,
                           metric_type=metric_type, metric_name=label,
                           metric_value=round(float(metrics[key]), 4))
                for key, metric_type, label in (("accuracy", "accuracy", "accuracy"),
                                                ("macro_f1", "f1", "macro F1"))
                if key in metrics]
-    card_data = ModelCardData(
+    return ModelCardData(
         library_name="timm", license=license or "apache-2.0", pipeline_tag="image-classification",
         tags=["image-classification", "timm", "pet-pipeline"],
-        datasets=[hub_dataset] if hub_dataset else None,
+        datasets=[source.hub_dataset] if source.hub_dataset else None,
         metrics=["accuracy", "f1", "precision", "recall"],
         base_model=base_model, model_name=model_name, eval_results=results,
     )
 
+
+def _how_trained(run_config: dict) -> str:
+    if "pretrained" not in run_config:  # no config.yaml to tell
+        return "trained"
+    if run_config["pretrained"] or run_config.get("pretrained_path"):
+        return "fine-tuned from ImageNet weights"
+    return "trained from scratch"
+
+
+def _how_to_use(repo_id: str | None) -> list[str]:
     load_from = f"hf-hub:{repo_id}" if repo_id else "local-dir:PATH/TO/model"
-    breeds = run_config.get("breeds")
-    data_filter = (f"`breeds`: {', '.join(breeds)}" if breeds
-                   else f"`species: {species}` ({len(class_names)} {kept})")
-    started = ("trained" if "pretrained" not in run_config  # no config.yaml to tell
-               else "fine-tuned from ImageNet weights" if run_config["pretrained"]
-               or run_config.get("pretrained_path") else "trained from scratch")
-    photos = "generated images" if synthetic else f"photos of {DATASET_NAME}, mostly one well-lit pet each"
-    validation = (f"`val_fraction` {run_config.get('val_fraction')} of trainval, stratified by breed "
-                  f"(seed {run_config.get('seed')}), for model selection" if split_sizes.get("val")
-                  else "none (the last weights are the model)")
-    source = ("generated images (`dataset: synthetic`), a check of the pipeline: the numbers "
-              "below say nothing about real pets" if synthetic
-              else f"a local copy of {DATASET_NAME}" if run_config.get("data_dir")
-              else f"{DATASET_NAME} from the Hub (`{hub_dataset}`)")
-    lines = [
-        f"# {model_name}",
-        "",
-        f"A timm `{architecture}` {started} with pet-pipeline to tell {len(class_names)} "
-        f"{kept} of {DATASET_NAME} apart from a photo, at {size} px.",
-        "",
+    return [
         "## How to use",
         "",
         "```python",
@@ -158,27 +214,48 @@ def build_model_card(*, architecture: str, class_names: list[str], data_config: 
         'print(model.pretrained_cfg["label_names"][probabilities.argmax()])',
         "```",
         "",
+    ]
+
+
+def _intended_use(n_classes: int, source: _Source, split_sizes: dict) -> list[str]:
+    return [
         "## Intended use and limits",
         "",
-        f"- Made to name the breed of the one cat or dog in a photo, among the {len(class_names)} "
+        f"- Made to name the breed of the one cat or dog in a photo, among the {n_classes} "
         "breeds below, for research, teaching and demonstrations.",
         "- It always answers one of those breeds: it has no \"none of these\" class, so a mixed "
         "breed, another breed or animal, or a photo without a pet still gets a breed, often "
         "with high confidence.",
-        f"- It learnt from {split_sizes.get('train', 'a few')} {photos}; expect lower accuracy on "
+        f"- It learnt from {split_sizes.get('train', 'a few')} {source.photos}; expect lower accuracy on "
         "other kinds of photos. With a few dozen test images per breed, the per-class numbers "
         "are rough.",
         "- Not for decisions about an animal's health, ownership, pedigree or value.",
         "",
+    ]
+
+
+def _data_section(source: _Source, run_config: dict, split_sizes: dict) -> list[str]:
+    breeds = run_config.get("breeds")
+    data_filter = (f"`breeds`: {', '.join(breeds)}" if breeds
+                   else f"`species: {source.species}` ({source.classes})")
+    validation = (f"`val_fraction` {run_config.get('val_fraction')} of trainval, stratified by breed "
+                  f"(seed {run_config.get('seed')}), for model selection" if split_sizes.get("val")
+                  else "none (the last weights are the model)")
+    return [
         "## Data",
         "",
-        f"Source: {source}. Filter: {data_filter}. Validation: {validation}. Test: the "
+        f"Source: {source.description}. Filter: {data_filter}. Validation: {validation}. Test: the "
         "dataset's own test split.",
         "",
         "| split | images |",
         "|---|---|",
         *[f"| {name} | {count} |" for name, count in split_sizes.items()],
         "",
+    ]
+
+
+def _results_section(metrics: dict, evaluated_split: str, has_confusion_matrix: bool) -> list[str]:
+    lines = [
         f"## Results on the {evaluated_split} split ({metrics.get('n')} images)",
         "",
         "| metric | value |",
@@ -193,8 +270,12 @@ def build_model_card(*, architecture: str, class_names: list[str], data_config: 
     ]
     if has_confusion_matrix:
         lines += [f"![Confusion matrix on the {evaluated_split} split]({CONFUSION_MATRIX_FILE})", ""]
+    return lines
+
+
+def _config_section(run_config: dict) -> list[str]:
     public_config = {k: v for k, v in run_config.items() if k not in PRIVATE_KEYS}
-    lines += [
+    return [
         "## Training config",
         "",
         "The run's `config.yaml` (for `python train.py --config`), without the keys that may "
@@ -205,7 +286,6 @@ def build_model_card(*, architecture: str, class_names: list[str], data_config: 
         "```",
         "",
     ]
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
 def base_weights(run_config: dict) -> tuple[str | None, str | None]:
@@ -220,11 +300,13 @@ def base_weights(run_config: dict) -> tuple[str | None, str | None]:
     return (cfg.hf_hub_id or None) if from_the_hub else None, cfg.license
 
 
-def write_model_card(folder: str | Path, *, architecture: str, run_config: dict, class_names: list[str],
-                     data_config: dict, metrics: dict, split_sizes: dict, evaluated_split: str = "test",
-                     repo_id: str | None = None, confusion_matrix: str | Path | None = None) -> Path:
+def write_model_card(folder: str | Path, *, run_config: dict, data_config: dict, metrics: dict,
+                     split_sizes: dict, architecture: str | None = None, class_names: list[str] | None = None,
+                     evaluated_split: str = "test", repo_id: str | None = None,
+                     confusion_matrix: str | Path | None = None) -> Path:
     """README.md (the card), and the confusion matrix it shows, beside the model files in
-    `folder`; returns the card's path."""
+    `folder`; returns the card's path. `architecture` and `class_names` default as in
+    `build_model_card`: the run's model, the classes of `metrics`."""
     folder = Path(folder)
     base_model, license = base_weights(run_config)
     has_matrix = confusion_matrix is not None and Path(confusion_matrix).is_file()

@@ -84,6 +84,7 @@ class PetTorchDataset(Dataset):
 
     def __init__(self, ds: datasets.Dataset, transform, *, seed: int = 0,
                  min_side: int | None = None):
+        self.source = ds  # the dataset as given: its rows are the items' "index"
         ds = ds.cast_column("image", datasets.Image(decode=False))  # we decode, in the worker
         self.ds = ds.with_transform(batch_transform(transform, min_side))
         self.seed = seed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -193,10 +194,19 @@ def plot_prediction_samples(images: Sequence, true_names: Sequence[str], predict
 
 # ------------------------------------------------------------------ Grad-CAM gallery
 
-def plot_gradcam_gallery(images: Sequence, cams: Sequence[np.ndarray], true_names: Sequence[str],
-                         predicted_names: Sequence[str], confidences: Sequence[float], path,
+@dataclass
+class Guesses:
+    """What the model made of each image shown, in the images' order."""
+
+    true_names: Sequence[str]
+    predicted_names: Sequence[str]
+    confidences: Sequence[float]  # of the predicted class
+
+
+def plot_gradcam_gallery(images: Sequence, cams: Sequence[np.ndarray], guesses: Guesses, path,
                          pairs_per_row: int = 3) -> Path:
-    """Each image next to its Grad-CAM overlay (pytorch-grad-cam's show_cam_on_image).
+    """Each image next to its Grad-CAM overlay (pytorch-grad-cam's show_cam_on_image), titled
+    with the true class and the guess.
 
     Meant for the misclassified images; pass what you want shown. `images` are what the model
     saw (e.g. `gradcam.denormalize(pixel_values, ...)`) or PIL images; a CAM of another size is
@@ -213,7 +223,7 @@ def plot_gradcam_gallery(images: Sequence, cams: Sequence[np.ndarray], true_name
     for ax in axes.ravel():
         ax.set_axis_off()
     for i, (image, cam, true_name, predicted_name, confidence) in enumerate(
-            zip(images, cams, true_names, predicted_names, confidences)):
+            zip(images, cams, guesses.true_names, guesses.predicted_names, guesses.confidences)):
         row, pair = divmod(i, pairs_per_row)
         original_ax, overlay_ax = axes[row, 2 * pair], axes[row, 2 * pair + 1]
         rgb = _as_float_image(image)

@@ -313,11 +313,13 @@ def test_gradcam_gallery_png(tmp_path, k):
     images = [np.random.default_rng(i).random((32, 32, 3), dtype=np.float32) for i in range(4)]
     cams = [np.outer(np.hanning(16), np.hanning(16))] * 4  # another size than the images: resized
     true, predicted = names[:4], [names[-1], names[-2], names[2], names[0]]
-    assert_png(plots.plot_gradcam_gallery(images, cams, true, predicted, [0.9, 0.8, 0.7, 0.6],
+    assert_png(plots.plot_gradcam_gallery(images, cams, plots.Guesses(true, predicted, [0.9, 0.8, 0.7, 0.6]),
                                           tmp_path / "gallery.png"))
-    assert_png(plots.plot_gradcam_gallery(photos(2), [np.zeros((5, 5))] * 2, true[:2], predicted[:2],
-                                          [0.5, 0.5], tmp_path / "pil.png"), min_width=200)
-    assert_png(plots.plot_gradcam_gallery([], [], [], [], [], tmp_path / "none.png"), min_width=200)
+    assert_png(plots.plot_gradcam_gallery(photos(2), [np.zeros((5, 5))] * 2,
+                                          plots.Guesses(true[:2], predicted[:2], [0.5, 0.5]),
+                                          tmp_path / "pil.png"), min_width=200)
+    assert_png(plots.plot_gradcam_gallery([], [], plots.Guesses([], [], []), tmp_path / "none.png"),
+               min_width=200)
 
 
 # ------------------------------------------------------------------ Grad-CAM
