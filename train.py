@@ -33,11 +33,14 @@ def train(config: Config, argv: list[str]) -> int:
     checked = check_before_heavy_work(config)
     # torch, timm and the rest are imported here rather than at the top, so that `--help`
     # and a mistyped key or value answer in a fraction of a second instead of after ~8 s.
+    from pet_pipeline.rundir import RunDirectory
     from pet_pipeline.trainer import Trainer
 
-    trainer = Trainer(config, argv, checked=checked)
-    exit_code = trainer.fit()
-    trainer.close(exit_code)
+    # one lock per job, held by the global main process until the job ends
+    with RunDirectory(config.output_dir).held(lock=int(os.environ.get("RANK", "0")) == 0) as run_dir:
+        trainer = Trainer(config, argv, run_dir=run_dir, checked=checked)
+        exit_code = trainer.fit()
+        trainer.close(exit_code)
     return exit_code
 
 

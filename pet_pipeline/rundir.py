@@ -1,7 +1,6 @@
 """The run directory: one owner at a time, and what a start in it means.
 
-    run_dir = RunDirectory(config.output_dir)
-    run_dir.lock()                          # main process, before any heavy work
+    with RunDirectory(config.output_dir).held() as run_dir:  # the lock: main process only
     plan = run_dir.begin(config, num_processes=2, argv=sys.argv[1:], split=fingerprint)
     plan.action                             # "new", "resume" or "re-evaluate"
     plan.checkpoint                         # the verified checkpoint to go on from
@@ -37,6 +36,7 @@ same SLURM job: an earlier attempt of this job, taken over; otherwise refused).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -345,6 +345,18 @@ class RunDirectory:
               "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+
+    @contextlib.contextmanager
+    def held(self, *, lock: bool = True):
+        """This folder, locked (`lock`: the job's global main process; other ranks pass False)
+        for the length of the `with` block, so that train.main() called twice in one process
+        (a notebook, the tests) finds it free again."""
+        if lock:
+            self.lock()
+        try:
+            yield self
+        finally:
+            self.unlock()
 
     def _busy(self, holder: dict | None) -> str:
         who = "another process"

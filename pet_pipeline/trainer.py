@@ -1,11 +1,12 @@
 """The training job, top to bottom: one image from disk to the confusion matrix.
 
-    trainer = Trainer(config, argv, checked=check_before_heavy_work(config))
-    exit_code = trainer.fit()     # start or resume, the epochs, the final report
-    trainer.close(exit_code)      # timing, trackers, the Hub upload
+    with RunDirectory(config.output_dir).held() as run_dir:
+        trainer = Trainer(config, argv, run_dir=run_dir, checked=check_before_heavy_work(config))
+        exit_code = trainer.fit()     # start or resume, the epochs, the final report
+        trainer.close(exit_code)      # timing, trackers, the Hub upload
 
 What `Trainer.__init__` builds, in the order the job needs it:
-1. the run directory's lock and the stop flag (SIGTERM / SIGUSR1: checkpoint at the next step);
+1. the stop flag (SIGTERM / SIGUSR1: checkpoint at the next step), in the locked run directory;
 2. the Accelerator (processes, precision, accumulation, trackers);
 3. the data: `datasets` splits (pet_pipeline/data.py), decoded and augmented per sample in
    loader workers (pet_pipeline/loader.py, transforms.py), colour jitter and normalisation
@@ -22,7 +23,6 @@ A stop, a loss that blew up and a frozen rank each end in one method at the bott
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -88,14 +88,13 @@ class Learner:
 
 
 class Trainer:
-    def __init__(self, config: Config, argv: list[str], *, checked: tuple[dict, list[str]]):
+    def __init__(self, config: Config, argv: list[str], *, run_dir: RunDirectory,
+                 checked: tuple[dict, list[str]]):
         from pet_pipeline.builders import build_accelerator, build_data, build_learner, check_launch
 
         data_config, class_names = checked  # from train.check_before_heavy_work
         self.config, self.clock = config, PhaseClock()  # where the wall time goes
-        self.run_dir = RunDirectory(config.output_dir)
-        if int(os.environ.get("RANK", "0")) == 0:  # one lock per job, held by the global main process
-            self.run_dir.lock()
+        self.run_dir = run_dir  # locked by the job's global main process (train.train)
         self.stop = StopFlag()  # SIGTERM / SIGUSR1 -> checkpoint and exit at the next step
         self.accelerator = accelerator = build_accelerator(config, self.run_dir.path)
         check_launch(accelerator)  # every process of the launch joined this one job

@@ -12,6 +12,8 @@ Everything is generated, small and offline; nothing here needs the network.
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,147 @@ def synthetic_dir(pet_cache) -> Path:
     folder = synthetic_pets_dir(images_per_class=8, image_size=48)
     assert folder.is_relative_to(pet_cache)
     return folder
+
+
+# --------------------------------------------------------------------------- train.py runs
+
+# The tiny training run every end-to-end test starts from: 12 cat breeds x 8 trainval images
+# (48 px, generated once a session), trained at 32 px without a validation split. timm's
+# `test_efficientnet` (0.1 M parameters, batch norm, a classifier head like CoAtNet's) makes a
+# step ~0.1 s and a checkpoint ~1 MB; tests of what only CoAtNet does name it themselves.
+TINY = {
+    "dataset": "synthetic", "synthetic_images_per_class": 16, "synthetic_image_size": 48,
+    "model": "test_efficientnet", "pretrained": False, "image_size": 32, "batch_size": 8,
+    "lr": 2e-3, "num_workers": 0, "log_every": 1, "drop_path_rate": 0.0, "report_to": "none",
+    "val_fraction": 0.0, "gradcam_images": 0,
+}
+
+COATNET_MODEL = {"model": "coatnet_nano_rw_224"}  # for what depends on the job's own model family
+
+
+def cli(values: dict) -> list[str]:
+    """{"lr": 1e-3, "breeds": ["A", "B"]} -> ["--lr", "0.001", "--breeds", "A,B"]."""
+    def text(value):
+        if value is None:
+            return "null"
+        if isinstance(value, bool):
+            return str(value).lower()
+        return ",".join(value) if isinstance(value, list) else str(value)
+
+    return [arg for key, value in values.items() for arg in (f"--{key}", text(value))]
+
+
+@dataclass
+class Finished:
+    """What a run of train.py left: its exit status and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_in_process(main, argv: list[str], *, env: dict | None = None) -> Finished:
+    """`main(argv)` of train.py or evaluate.py in this process, as `python SCRIPT ...` would run
+    it, without the ~8 s of imports a subprocess pays. The process-wide state a run sets is put
+    back afterwards: the environment, signal handlers, Accelerate's singletons; stdout and
+    stderr are captured. Tests of process behaviour (signals from outside, kills, launchers,
+    several processes) run the script as a process of its own instead."""
+    import contextlib
+    import io
+    import signal
+
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    saved_env = dict(os.environ)
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGCHLD)
+    saved_handlers = {sig: signal.getsignal(sig) for sig in signals}
+    os.environ.update({**RUN_ENV, **(env or {})})
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main([str(arg) for arg in argv])
+            except SystemExit as end:
+                code = end.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for sig, handler in saved_handlers.items():
+            signal.signal(sig, handler)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+    return Finished(int(code or 0), stdout.getvalue(), stderr.getvalue())
+
+
+def train_in_process(values: dict | list[str], *, env: dict | None = None) -> Finished:
+    """train.py with `values` (a dict of keys, or argv) in this process: `run_in_process`."""
+    import train
+
+    return run_in_process(train.main, cli(values) if isinstance(values, dict) else values, env=env)
+
+
+def evaluate_in_process(values: dict | list[str], *, env: dict | None = None) -> Finished:
+    """evaluate.py in this process. It is loaded from its file under another name: `import
+    evaluate` means Hugging Face's library (pet_pipeline/metrics)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pet_pipeline_evaluate_py", REPO / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return run_in_process(script.main, cli(values) if isinstance(values, dict) else values, env=env)
+
+
+# what every run of train.py gets: offline, two threads, output unbuffered (for a subprocess)
+RUN_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+           "WANDB_SILENT": "true", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def run_env(pet_cache: Path, **extra: str) -> dict:
+    """os.environ with RUN_ENV, the session's data cache and `extra`, for a subprocess."""
+    environment = {**os.environ, **RUN_ENV, "PET_PIPELINE_CACHE": str(pet_cache), **extra}
+    environment.pop("WANDB_API_KEY", None)
+    return environment
+
+
+@pytest.fixture(scope="session")
+def env(pet_cache) -> dict:
+    """The environment of a train.py subprocess, sharing the session's data cache."""
+    return run_env(pet_cache)
+
+
+def ok(result: Finished) -> Finished:
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def refused(result: Finished, *fragments: str) -> str:
+    """Exit 2 with one `error:` sentence holding every fragment, and no traceback."""
+    assert result.returncode == 2, f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    for fragment in fragments:
+        assert fragment in lines[0], f"{lines[0]}\n{result.stdout[-2000:]}"
+    return lines[0]
+
+
+
+@pytest.fixture(scope="session")
+def train_run(pet_cache):
+    """`train_in_process`, with `dataset: synthetic` generated once a session in its cache."""
+    return train_in_process
+
+
+def train_in_subprocess(values: dict | list[str], env: dict, *, faults: str | None = None,
+                        launcher=(sys.executable,), timeout: float = 600) -> Finished:
+    """`python train.py ...` as its own process, for what only a process shows: a signal from
+    outside, a kill at an exact point (tests/faults.py FAULTS), several ranks (`launcher`)."""
+    import subprocess
+
+    argv = cli(values) if isinstance(values, dict) else [str(arg) for arg in values]
+    if faults:
+        launcher = (*launcher, str(REPO / "tests" / "faults.py"), faults)
+    done = subprocess.run([*launcher, str(REPO / "train.py"), *argv], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    return Finished(done.returncode, done.stdout, done.stderr)

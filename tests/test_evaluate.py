@@ -1,10 +1,12 @@
-"""evaluate.py and the report: exact gathering across processes, files, bad input."""
+"""evaluate.py and the report: exact gathering across processes, files, bad input.
+
+The scripts run in this process (conftest.run_in_process) except under a launcher of several
+processes."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
 import socket
@@ -14,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import evaluate_in_process, ok, train_in_process
 from PIL import Image
 
 from pet_pipeline.breeds import CAT_BREEDS
 from pet_pipeline.evaluation import read_confusion_matrix_csv
+from pet_pipeline.synthetic import synthetic_pets_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -35,22 +39,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    environment = dict(os.environ)
-    environment.update(PET_PIPELINE_CACHE=str(tmp_path_factory.mktemp("pet-cache")),
-                       HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="2")
-    return environment
-
-
-def run(script, args, env, launcher=(sys.executable,)):
+def run(script, args, env, launcher=None):
+    """train.py or evaluate.py in this process; with a `launcher` (torchrun, accelerate launch),
+    as the processes it starts."""
+    if launcher is None:
+        return (train_in_process if script == "train.py" else evaluate_in_process)(args)
     return subprocess.run([*launcher, str(ROOT / script), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
-
-
-def ok(result):
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +178,7 @@ def test_plain_timm_loads_model_dir_and_predicts_as_evaluate_py(trained_run, env
     transform = timm.data.create_transform(**data_config, is_training=False)
     label_names = model.pretrained_cfg["label_names"]
     assert label_names == list(CAT_BREEDS)
-    (images,) = {p.parent for p in Path(env["PET_PIPELINE_CACHE"]).rglob("images/Bengal_16.jpg")}
+    images = synthetic_pets_dir(images_per_class=16, image_size=48) / "images"  # the run's TINY data
     with torch.no_grad():
         batch = torch.stack([transform(Image.open(images / f"{row['image_id']}.jpg").convert("RGB"))
                              for row in expected])
@@ -225,7 +220,7 @@ def test_the_run_writes_a_model_card_from_its_report(trained_run, env):
     sizes = dict(re.findall(r"^\| (train|val|test) \| (\d+) \|$", text, flags=re.M))
     from conftest import annotation_ids
 
-    (trainval,) = Path(env["PET_PIPELINE_CACHE"]).rglob("annotations/trainval.txt")
+    trainval = synthetic_pets_dir(images_per_class=16, image_size=48) / "annotations" / "trainval.txt"
     cats = [i for i in annotation_ids(trainval) if i.rsplit("_", 1)[0] in CAT_BREEDS]
     assert int(sizes["test"]) == metrics["n"]
     assert int(sizes["train"]) + int(sizes["val"]) == len(cats) and int(sizes["val"]) > 0
@@ -316,8 +311,9 @@ def test_a_two_process_checkpoint_evaluates_like_the_exported_model(env, tmp_pat
     two = {**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     out = tmp_path / "run"
-    ok(run("train.py", [*TINY, "--ema_decay", "0.9", "--val_fraction", "0", "--epochs", "1",
-                        "--gradcam_images", "0", "--output_dir", str(out)], two, launcher=torchrun))
+    ok(run("train.py", [*TINY, "--model", "test_efficientnet", "--ema_decay", "0.9", "--val_fraction", "0",
+                        "--epochs", "1", "--gradcam_images", "0", "--output_dir", str(out)], two,
+           launcher=torchrun))
     (checkpoint,) = sorted((out / "checkpoints").glob("step_*"))[-1:]
     assert (checkpoint / "ema.safetensors").is_file()
     args = ["--batch_size", "7", "--gradcam_images", "0"]

@@ -11,8 +11,8 @@ import json
 
 import pytest
 import torch
+from conftest import TINY, ok, train_in_subprocess
 from safetensors.torch import load_file, save_file
-from test_train import TINY, assert_ok, env, run_train  # noqa: F401 - env is a fixture
 
 from pet_pipeline.checkpoint import list_checkpoints
 from pet_pipeline.config import Config
@@ -122,12 +122,10 @@ def backbone_moved(weights: dict, initial: dict) -> list[str]:
 
 
 @pytest.mark.slow
-def test_freeze_backbone_trains_only_the_classifier(tmp_path, env, initial_weights):  # noqa: F811
+def test_freeze_backbone_trains_only_the_classifier(tmp_path, train_run, initial_weights):
     out = tmp_path / "probe"
-    result = run_train([*TINY, "--model", MODEL, "--pretrained_path", str(initial_weights),
-                        "--freeze_backbone", "true", "--epochs", "2", "--val_fraction", "0",
-                        "--output_dir", str(out)], env)
-    assert_ok(result)
+    result = ok(train_run({**TINY, "model": MODEL, "pretrained_path": initial_weights,
+                           "freeze_backbone": True, "epochs": 2, "output_dir": out}))
     assert "classifier only (frozen backbone)" in result.stdout
     initial, trained = load_file(str(initial_weights)), load_file(str(out / "model/model.safetensors"))
     assert backbone_moved(trained, initial) == []
@@ -137,12 +135,11 @@ def test_freeze_backbone_trains_only_the_classifier(tmp_path, env, initial_weigh
 
 @pytest.mark.slow
 def test_head_epochs_train_the_classifier_first_then_everything_and_resume_exactly(
-        tmp_path, env, initial_weights):  # noqa: F811
+        tmp_path, train_run, initial_weights):
     out = tmp_path / "lpft"
-    args = [*TINY, "--model", MODEL, "--pretrained_path", str(initial_weights), "--head_epochs", "1",
-            "--epochs", "2", "--val_fraction", "0", "--layer_decay", "0.8", "--drop_path_rate", "0.1",
-            "--keep_checkpoints", "5", "--output_dir", str(out)]
-    assert_ok(run_train(args, env))
+    values = {**TINY, "model": MODEL, "pretrained_path": initial_weights, "head_epochs": 1, "epochs": 2,
+              "layer_decay": 0.8, "drop_path_rate": 0.1, "keep_checkpoints": 5, "output_dir": out}
+    ok(train_run(values))
     head_phase_end, last = list_checkpoints(out)
     assert json.loads((head_phase_end / "train_state.json").read_text())["epoch"] == 1
     initial = load_file(str(initial_weights))
@@ -156,26 +153,24 @@ def test_head_epochs_train_the_classifier_first_then_everything_and_resume_exact
     # never changes PATH) gives the uninterrupted run's weights
     uninterrupted = {k: v.clone() for k, v in final.items()}
     branch = tmp_path / "from-the-head-phase"
-    assert_ok(run_train([*args[:-1], str(branch), "--resume", str(head_phase_end)], env))
+    ok(train_run({**values, "output_dir": branch, "resume": head_phase_end}))
     resumed = load_file(str(list_checkpoints(branch)[-1] / "model.safetensors"))
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_head_phase_under_two_processes(tmp_path, env, initial_weights):  # noqa: F811
+def test_head_phase_under_two_processes(tmp_path, env, initial_weights):
     """DDP expects a gradient for every parameter it knows; in the head phase the backbone
     has none (train.py asks DDP to find unused parameters when head_epochs > 0)."""
     import sys
 
     out = tmp_path / "ddp"
     env2 = {**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = run_train([*TINY, "--model", MODEL, "--pretrained_path", str(initial_weights),
-                        "--head_epochs", "1", "--epochs", "2", "--val_fraction", "0",
-                        "--output_dir", str(out)], env2,
-                       launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 "--nproc_per_node", "2"))
-    assert_ok(result)
+    result = ok(train_in_subprocess({**TINY, "model": MODEL, "pretrained_path": initial_weights,
+                                     "head_epochs": 1, "epochs": 2, "output_dir": out}, env2,
+                                    launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                              "--nproc_per_node", "2")))
     assert "2 process(es)" in result.stdout
     final = load_file(str(out / "model/model.safetensors"))
     assert len(backbone_moved(final, load_file(str(initial_weights)))) > 0

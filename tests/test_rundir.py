@@ -2,8 +2,9 @@
 
 What a start means is tested as a table on the pure `plan` (no model, no files), then on
 `RunDirectory.begin` with the checkpoints of one real tiny run;
-what must hold for the real script (exit status, messages, kills at exact points, a full
-disk) runs train.py in a subprocess, with faults injected by tests/faults.py.
+what must hold for the real script (exit status, messages, a full disk) runs train.main in
+this process, and kills and signals at exact points run train.py as a process of its own, with
+faults injected by tests/faults.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COATNET_MODEL, TINY, Finished, cli, ok, refused, train_in_process, train_in_subprocess
 from safetensors.torch import load_file
 
 from pet_pipeline.checkpoint import (
@@ -34,61 +36,19 @@ from pet_pipeline.rundir import RunDirectory, config_changes, read_starts
 from pet_pipeline.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-FAULTS = ROOT / "tests" / "faults.py"
-
-# 12 cat breeds x 8 trainval images at 48 px, trained at 32 px, no validation: 9 steps an
-# epoch, ~1 s a step on 2 cores; no Grad-CAM in the report.
-TINY = {
-    "dataset": "synthetic", "synthetic_images_per_class": 16, "synthetic_image_size": 48,
-    "model": "coatnet_nano_rw_224", "pretrained": False, "image_size": 32, "batch_size": 8,
-    "lr": 2e-3, "num_workers": 0, "log_every": 1, "drop_path_rate": 0.0, "report_to": "none",
-    "val_fraction": 0.0, "gradcam_images": 0,
-}
 
 
-def cli(values: dict) -> list[str]:
-    def text(value):
-        if isinstance(value, bool):
-            return str(value).lower()
-        return ",".join(value) if isinstance(value, list) else str(value)
-
-    return [arg for key, value in values.items() for arg in (f"--{key}", text(value))]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    environment = dict(os.environ)
-    environment.update(PET_PIPELINE_CACHE=str(tmp_path_factory.mktemp("pet-cache")),
-                       HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="2",
-                       PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    return environment
-
-
-def run_train(values: dict, env, *, faults: str | None = None, timeout=600):
-    launcher = [sys.executable, str(FAULTS), faults] if faults else [sys.executable]
-    return subprocess.run([*launcher, str(ROOT / "train.py"), *cli(values)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result):
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-def refused(result, *fragments):
-    """Exit 2 with one `error:` sentence holding every fragment, and no traceback."""
-    assert result.returncode == 2, f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [x for x in result.stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    for fragment in fragments:
-        assert fragment in lines[0], f"{lines[0]}\n{result.stdout[-2000:]}"
-    return lines[0]
+def run_train(values: dict, env, *, faults: str | None = None) -> Finished:
+    """train.py in this process; with `faults` (tests/faults.py: kills and signals at exact
+    points) as a process of its own."""
+    if faults:
+        return train_in_subprocess(values, env, faults=faults)
+    return train_in_process(values)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, env):
-    """A finished run of 4 steps with a checkpoint after each (step 1..4 kept)."""
+    """A finished run of 4 steps with a checkpoint after each (step 1..4 kept), ~5 MB."""
     out = tmp_path_factory.mktemp("finished") / "run"
     ok(run_train({**TINY, "max_steps": 4, "checkpoint_steps": 1, "keep_checkpoints": 5,
                   "output_dir": out}, env))
@@ -599,6 +559,21 @@ def test_a_second_start_on_the_same_folder_exits_2_naming_the_holder(tmp_path, e
     lock.unlock()
 
 
+def test_the_lock_is_held_for_the_with_block_only(tmp_path):
+    """train.main() called twice in one process (a notebook, the in-process tests) finds the
+    folder free again after the first run; during a run a second start is refused."""
+    out = tmp_path / "run"
+    with RunDirectory(out).held():
+        with pytest.raises(UserError, match=f"in use by process {os.getpid()}"):
+            RunDirectory(out).lock()
+    again = RunDirectory(out)
+    again.lock()
+    assert again.took_over is None  # released cleanly, not taken over from a dead holder
+    again.unlock()
+    with RunDirectory(out).held(lock=False):  # another rank: no lock, nothing written
+        assert (out / ".lock").read_text() == ""
+
+
 # --------------------------------------------------------------------------- the real script
 
 
@@ -763,7 +738,7 @@ def _umask() -> int:
 
 @pytest.mark.slow
 def test_a_real_full_disk_ends_in_one_sentence_keeping_the_previous(tmp_path, env):
-    """On a 250 MiB tmpfs a checkpoint (168 MiB: weights and AdamW moments) fits once."""
+    """On a 250 MiB tmpfs a checkpoint of CoAtNet-nano (168 MiB: weights and AdamW moments) fits once."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=250m", "tmpfs", str(disk)],
@@ -772,7 +747,8 @@ def test_a_real_full_disk_ends_in_one_sentence_keeping_the_previous(tmp_path, en
         pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.strip()}")
     try:
         out = disk / "run"
-        values = {**TINY, "max_steps": 4, "checkpoint_steps": 2, "keep_checkpoints": 1, "output_dir": out}
+        values = {**TINY, **COATNET_MODEL, "max_steps": 4, "checkpoint_steps": 2, "keep_checkpoints": 1,
+                  "output_dir": out}
         refused(run_train(values, env), "checkpoint step_00000004 could not be written",
                 "no space left on device", "freed the partial copy", "kept step_00000002")
         assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]

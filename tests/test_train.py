@@ -1,12 +1,12 @@
 """train.py end to end: learning, outputs, accumulation, resume after SIGTERM, 2 processes.
 
-Each test runs the real script in a subprocess on generated pets at 32 px, as a user would.
+Runs call `train.main` in this process (conftest.train_in_process) on generated pets at 32 px;
+what only a process shows (a signal from outside, torchrun's ranks) runs train.py as one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COATNET_MODEL, TINY, cli, ok, refused, train_in_subprocess
 from safetensors.torch import load_file
 
 from pet_pipeline.checkpoint import TrainState, check_same_split, list_checkpoints
@@ -27,36 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from wandb_offline import read_offline_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# 12 cat breeds x 8 trainval images at 48 px, trained at 32 px: ~1 s per step on 2 cores.
-TINY = [
-    "--dataset", "synthetic", "--synthetic_images_per_class", "16", "--synthetic_image_size", "48",
-    "--model", "coatnet_nano_rw_224", "--pretrained", "false", "--image_size", "32",
-    "--batch_size", "8", "--lr", "2e-3", "--num_workers", "0", "--log_every", "1",
-    "--drop_path_rate", "0.0", "--report_to", "none",
-]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    environment = dict(os.environ)
-    environment.update(
-        PET_PIPELINE_CACHE=str(tmp_path_factory.mktemp("pet-cache")),
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
-        WANDB_SILENT="true", OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1",
-    )
-    environment.pop("WANDB_API_KEY", None)
-    return environment
-
-
-def run_train(args, env, *, launcher=(sys.executable,), timeout=600):
-    result = subprocess.run([*launcher, str(ROOT / "train.py"), *args], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout)
-    return result
-
-
-def assert_ok(result):
-    assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+# the job's own model family where what is checked depends on it (learning, DDP's buckets)
+COATNET = {**COATNET_MODEL, "gradcam_images": 3}
 
 
 def offline_runs(out: Path) -> list[Path]:
@@ -67,11 +40,10 @@ def offline_runs(out: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_end_to_end_learns_writes_every_output_and_logs_wandb_offline(tmp_path, env):
+def test_end_to_end_learns_writes_every_output_and_logs_wandb_offline(tmp_path, train_run):
     out = tmp_path / "run"
-    result = run_train([*TINY, "--epochs", "5", "--val_fraction", "0.25", "--report_to", "wandb",
-                        "--output_dir", str(out)], env)
-    assert_ok(result)
+    result = ok(train_run({**TINY, **COATNET, "epochs": 5, "val_fraction": 0.25, "report_to": "wandb",
+                           "output_dir": out}))
     assert "1 process(es)" in result.stdout
     assert "12 classes" in result.stdout and "0 bad input(s) left out" in result.stdout
 
@@ -157,19 +129,16 @@ def test_end_to_end_learns_writes_every_output_and_logs_wandb_offline(tmp_path, 
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_matches_one_large_batch(tmp_path, env):
+def test_gradient_accumulation_matches_one_large_batch(tmp_path, train_run):
     """2 micro-batches of 8 == 1 batch of 16, and the LR schedule steps per optimizer step.
 
     A ViT (LayerNorm, no BatchNorm) so that batch statistics can't differ.
     """
-    common = [*TINY, "--model", "vit_tiny_patch16_224", "--augment", "none", "--val_fraction", "0",
-              "--label_smoothing", "0", "--max_steps", "3", "--warmup_epochs", "0.5",
-              "--clip_grad_norm", "1.0", "--drop_path_rate", "0"]
+    common = {**TINY, "model": "vit_tiny_patch16_224", "augment": "none", "label_smoothing": 0,
+              "max_steps": 3, "warmup_epochs": 0.5, "clip_grad_norm": 1.0}
     accumulated, large = tmp_path / "accumulated", tmp_path / "large"
-    assert_ok(run_train([*common, "--batch_size", "8", "--grad_accum_steps", "2",
-                         "--output_dir", str(accumulated)], env))
-    assert_ok(run_train([*common, "--batch_size", "16", "--grad_accum_steps", "1",
-                         "--output_dir", str(large)], env))
+    ok(train_run({**common, "batch_size": 8, "grad_accum_steps": 2, "output_dir": accumulated}))
+    ok(train_run({**common, "batch_size": 16, "grad_accum_steps": 1, "output_dir": large}))
     a = load_file(str(accumulated / "model/model.safetensors"))
     b = load_file(str(large / "model/model.safetensors"))
     initial = build_model("vit_tiny_patch16_224", num_classes=12, pretrained=False, image_size=32)
@@ -200,14 +169,15 @@ def wait_for_step(path: Path, step: int, process, timeout=300) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_gives_the_uninterrupted_result(tmp_path, env):
-    args = [*TINY, "--epochs", "2", "--val_fraction", "0.25", "--drop_path_rate", "0.2",
-            "--augment", "strong", "--ema_decay", "0.9", "--report_to", "wandb",
-            "--num_workers", "1", "--pre_resize", "40"]
+def test_sigterm_then_resume_gives_the_uninterrupted_result(tmp_path, env, train_run):
+    # CoAtNet's ~1 s steps: the signal, sent once step 3 is logged, lands inside epoch 0
+    values = {**TINY, **COATNET_MODEL, "epochs": 2, "val_fraction": 0.25, "drop_path_rate": 0.2,
+              "augment": "strong", "ema_decay": 0.9, "report_to": "wandb", "num_workers": 1, "pre_resize": 40}
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert_ok(run_train([*args, "--output_dir", str(straight)], env))
+    ok(train_run({**values, "output_dir": straight}))
 
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--output_dir",
+    # the signal comes from outside, as from a scheduler: this run is a process of its own
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli(values), "--output_dir",
                                 str(stopped)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     wait_for_step(stopped / "metrics.jsonl", 3, process)  # mid-epoch: 9 steps per epoch
@@ -219,7 +189,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_result(tmp_path, env):
     stop_step = json.loads((checkpoint / "train_state.json").read_text())["global_step"]
     assert 3 <= stop_step < 9, "the stop should land in the middle of the first epoch"
 
-    assert_ok(run_train([*args, "--output_dir", str(stopped)], env))  # resume: auto
+    ok(train_run({**values, "output_dir": stopped}))  # resume: auto
     final_straight = load_file(str(list_checkpoints(straight)[-1] / "model.safetensors"))
     final_resumed = load_file(str(list_checkpoints(stopped)[-1] / "model.safetensors"))
     for key in final_straight:
@@ -252,12 +222,13 @@ def test_two_cpu_processes_train_log_plain_lines_and_sync_only_at_log_steps(tmp_
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               str(ROOT / "tests" / "faults.py"), "count-collectives", str(ROOT / "train.py")]
     # batch 16: CPU kernels then give a 1x1 conv the grad layout DDP warns about (not at 8)
-    raw = subprocess.run([*launch, *TINY, "--epochs", "1", "--val_fraction", "0.25", "--log_every", "2",
-                          "--synthetic_images_per_class", "32", "--batch_size", "16",
-                          "--output_dir", str(out)], env=env2, cwd=ROOT, capture_output=True, timeout=600)
+    raw = subprocess.run([*launch, *cli({**TINY, **COATNET, "epochs": 1, "val_fraction": 0.25, "log_every": 2,
+                                         "synthetic_images_per_class": 32, "batch_size": 16,
+                                         "output_dir": out})],
+                         env=env2, cwd=ROOT, capture_output=True, timeout=600)
     assert b"\r" not in raw.stdout + raw.stderr, "a progress bar redraw in a redirected log"
     result = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(), raw.stderr.decode())
-    assert_ok(result)
+    ok(result)
     assert "2 process(es)" in result.stdout, "torchrun did not give 2 processes"
     assert result.stdout.count("pet-pipeline:") == 1, "the summary must print once"
     # 144 training images / (16 per device x 2 processes) = 5 optimizer steps, logged at 2 and 4
@@ -280,17 +251,13 @@ def test_two_cpu_processes_train_log_plain_lines_and_sync_only_at_log_steps(tmp_
 # --------------------------------------------------------------------------- bad input
 
 
-def test_a_loss_that_becomes_nan_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, env):
+def test_a_loss_that_becomes_nan_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, train_run):
     """lr 1e30 without clipping: step 1's loss is finite, step 2's is not. The run ends at the
     next sync point in one sentence, saves nothing after it and exports nothing."""
     out = tmp_path / "nan"
-    result = run_train([*TINY, "--val_fraction", "0", "--lr", "1e30", "--clip_grad_norm", "null",
-                        "--warmup_epochs", "0", "--max_steps", "6", "--checkpoint_steps", "1",
-                        "--output_dir", str(out)], env)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
-    assert "training loss became nan by step 2" in line and "lower lr" in line
-    assert "step_00000001 is kept" in line
+    result = train_run({**TINY, **COATNET, "lr": 1e30, "clip_grad_norm": None, "warmup_epochs": 0,
+                        "max_steps": 6, "checkpoint_steps": 1, "output_dir": out})
+    refused(result, "training loss became nan by step 2", "lower lr", "step_00000001 is kept")
     assert [p.name for p in list_checkpoints(out)] == ["step_00000001"]
     assert not (out / "model").exists() and not (out / "eval").exists()
     for raw in (out / "metrics.jsonl").read_text().splitlines():  # strict JSON, every line
@@ -308,14 +275,11 @@ def test_metrics_jsonl_is_strict_json(tmp_path):
 
 
 def test_pretrained_weights_unreachable_ends_in_one_sentence(tmp_path, env):
+    """A process of its own: huggingface_hub reads HF_HOME when it is imported."""
     offline = {**env, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    result = run_train([*TINY, "--pretrained", "true", "--val_fraction", "0.25",
-                        "--output_dir", str(tmp_path / "o")], offline)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
-    assert "pretrained_path" in line and "pretrained: false" in line
-    assert "offline and not in the Hugging Face cache" in line
+    result = train_in_subprocess({**TINY, **COATNET, "pretrained": True, "val_fraction": 0.25,
+                                  "output_dir": tmp_path / "o"}, offline)
+    refused(result, "pretrained_path", "pretrained: false", "offline and not in the Hugging Face cache")
     assert not (tmp_path / "o").exists(), "refused before the data was read or anything written"
 
 
@@ -323,11 +287,9 @@ def test_pretrained_weights_unreachable_ends_in_one_sentence(tmp_path, env):
     (["--data_dir", "/no/such/folder"], "data_dir: /no/such/folder does not exist"),
     (["--pretrained_path", str(ROOT / "README.md")], "is not a readable weights file"),
 ])
-def test_data_and_weights_mistakes_answer_before_anything_is_read_or_written(tmp_path, env, args, fragment):
-    result = run_train([*TINY, *args, "--output_dir", str(tmp_path / "o")], env)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
-    assert fragment in line
+def test_data_and_weights_mistakes_answer_before_anything_is_read_or_written(tmp_path, train_run, args,
+                                                                            fragment):
+    refused(train_run([*cli(TINY), *args, "--output_dir", str(tmp_path / "o")]), fragment)
     assert not (tmp_path / "o").exists()
 
 
@@ -358,15 +320,13 @@ def test_half_written_checkpoints_are_never_picked_up(tmp_path):
 
 
 @pytest.mark.slow
-def test_mixup_class_weights_plateau_early_stopping_and_tensorboard(tmp_path, env):
+def test_mixup_class_weights_plateau_early_stopping_and_tensorboard(tmp_path, train_run):
     """The remaining optimisation options in one run; a learning rate too small to improve
     anything makes early stopping fire after `patience` epochs without a better accuracy."""
     out = tmp_path / "options"
-    result = run_train([*TINY, "--epochs", "6", "--val_fraction", "0.25", "--mixup", "0.8",
-                        "--cutmix", "1.0", "--class_weights", "balanced", "--scheduler", "plateau",
-                        "--lr", "1e-9", "--min_lr", "1e-10", "--early_stopping_patience", "1",
-                        "--report_to", "tensorboard", "--output_dir", str(out)], env)
-    assert_ok(result)
+    result = ok(train_run({**TINY, "epochs": 6, "val_fraction": 0.25, "mixup": 0.8, "cutmix": 1.0,
+                           "class_weights": "balanced", "scheduler": "plateau", "lr": 1e-9, "min_lr": 1e-10,
+                           "early_stopping_patience": 1, "report_to": "tensorboard", "output_dir": out}))
     records = read_metrics(out / "metrics.jsonl")
     val = [r for r in records if "val_accuracy" in r]
     assert len(val) == 2, f"expected a stop after 2 epochs (patience 1), got {len(val)} validations"
@@ -377,26 +337,23 @@ def test_mixup_class_weights_plateau_early_stopping_and_tensorboard(tmp_path, en
 
 
 @pytest.mark.slow
-def test_resume_overwrite_starts_fresh_and_resume_path_uses_that_checkpoint(tmp_path, env):
+def test_resume_overwrite_starts_fresh_and_resume_path_uses_that_checkpoint(tmp_path, train_run):
     out = tmp_path / "run"
-    args = [*TINY, "--val_fraction", "0", "--keep_checkpoints", "5", "--output_dir", str(out)]
-    assert_ok(run_train([*args, "--epochs", "2"], env))
+    values = {**TINY, "keep_checkpoints": 5, "output_dir": out}
+    ok(train_run({**values, "epochs": 2}))
     first, second = list_checkpoints(out)
     # an earlier checkpoint of this run is refused in place: it would rewrite the run's history
-    in_place = run_train([*args, "--epochs", "3", "--resume", str(first)], env)
-    assert in_place.returncode == 2 and "another output_dir" in in_place.stderr
+    refused(train_run({**values, "epochs": 3, "resume": first}), "another output_dir")
     assert list_checkpoints(out) == [first, second]
     # a new output_dir starts from it, and PATH is never changed
     branch = tmp_path / "branch"
-    again = run_train([*args[:-1], str(branch), "--epochs", "3", "--resume", str(first)], env)
-    assert_ok(again)
+    again = ok(train_run({**values, "output_dir": branch, "epochs": 3, "resume": first}))
     first_step = json.loads((first / "train_state.json").read_text())["global_step"]  # 12 a epoch
     assert f"resuming from {first.name}, step {first_step}" in again.stdout
     epochs = [json.loads((c / "train_state.json").read_text())["epoch"] for c in list_checkpoints(branch)]
     assert epochs == [2, 3]
     assert list_checkpoints(out) == [first, second]
-    fresh = run_train([*args, "--epochs", "1", "--resume", "overwrite"], env)
-    assert_ok(fresh)
+    fresh = ok(train_run({**values, "epochs": 1, "resume": "overwrite"}))
     assert "resuming" not in fresh.stdout
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][-1] == first_step  # starts over
 

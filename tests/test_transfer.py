@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PET_SAMPLE, REPO
-from test_train import assert_ok, env, run_train  # noqa: F401 - env is a fixture
+from conftest import PET_SAMPLE, REPO, ok
 
 sys.path.insert(0, str(REPO))
 from benchmarks.lite0_weights import MODEL_NAME, check_imagenet_predictions, convert_lite0_weights  # noqa: E402
@@ -76,15 +75,14 @@ def test_converted_weights_see_the_samples_cats_as_cats_and_dogs_as_dogs(lite0_w
 
 @pytest.mark.slow
 def test_real_imagenet_weights_fine_tune_far_above_chance_and_above_from_scratch(
-        tmp_path, env, lite0_weights):  # noqa: F811
+        tmp_path, train_run, lite0_weights):
     def test_accuracy(out: Path) -> float:
         return json.loads((out / "eval" / "metrics.json").read_text())["accuracy"]
 
     pretrained, scratch = tmp_path / "pretrained", tmp_path / "scratch"
     recipe = [*SHORT_RECIPE, *head_epochs_for(6), *recipe_layer_decay()]
-    assert_ok(run_train([*recipe, "--pretrained_path", str(lite0_weights),
-                         "--output_dir", str(pretrained)], env))
-    assert_ok(run_train([*recipe, "--pretrained", "false", "--output_dir", str(scratch)], env))
+    ok(train_run([*recipe, "--pretrained_path", str(lite0_weights), "--output_dir", str(pretrained)]))
+    ok(train_run([*recipe, "--pretrained", "false", "--output_dir", str(scratch)]))
     transferred, from_scratch = test_accuracy(pretrained), test_accuracy(scratch)
     # 12 breeds: chance is 0.083. Measured on a 2-core CPU: 0.672 and 0.115 (docs/TRANSFER.md).
     assert transferred >= 0.5, f"fine-tuned ImageNet weights reach only {transferred:.3f} on the cats"
