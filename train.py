@@ -53,7 +53,7 @@ def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
     from pet_pipeline.checkpoint import list_checkpoints
     from pet_pipeline.data import find_pet_root
     from pet_pipeline.model import check_weights_available
-    from pet_pipeline.tracking import choose_wandb_mode, trackers_for
+    from pet_pipeline.tracking import check_wandb_online, choose_wandb_mode, trackers_for
     from pet_pipeline.transforms import decode_size, model_data_config
 
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -73,6 +73,8 @@ def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
                         f"evaluation resizes to; use at least {eval_side}, or null.")
     if "wandb" in trackers_for(config.report_to):
         choose_wandb_mode()  # offline without credentials
+        if config.wandb_required and int(os.environ.get("RANK", "0")) == 0:
+            check_wandb_online(config.wandb_init_timeout_s)
     if config.push_to_hub:  # a token and the Hub now, not at the upload after the whole run
         from pet_pipeline.hub import check_hub_access
 

@@ -148,6 +148,17 @@ class Config:
     output_dir: str = _field("runs/pets", "Where the run writes everything.")
     report_to: str = _field("wandb", "Tracker: wandb, tensorboard, all or none.")
     wandb_project: str = _field("pet-pipeline", "W&B project name.")
+    wandb_init_timeout_s: float = _field(
+        30.0, "Seconds W&B may try to reach its server at the start; then the run logs offline "
+        "(upload later with `wandb sync`)."
+    )
+    wandb_finish_timeout_s: float = _field(
+        300.0, "Seconds the end of the run waits for W&B to upload what is left; the rest stays "
+        "on disk for `wandb sync` (0: wait for all of it)."
+    )
+    wandb_required: bool = _field(
+        False, "Refuse to start (exit 2) rather than log offline when W&B can't log online."
+    )
     run_name: str | None = _field(None, "Run name in the tracker (default: the output folder's name).")
     resume: str = _field(
         "auto", "auto (continue the run in output_dir from its newest valid checkpoint, or start "
@@ -189,6 +200,14 @@ def _at_least(key: str, value, minimum, optional: bool = False) -> None:
         return
     if value < minimum:
         raise UserError(f"{key}: {value!r} is too small; it must be >= {minimum}.")
+
+
+def _check_wandb_keys(c: Config) -> None:
+    _at_least("wandb_init_timeout_s", c.wandb_init_timeout_s, 1)
+    _at_least("wandb_finish_timeout_s", c.wandb_finish_timeout_s, 0)
+    if c.wandb_required and c.report_to not in ("wandb", "all"):
+        raise UserError(f"wandb_required: true means nothing with report_to: {c.report_to}; set "
+                        "report_to: wandb (or all), or drop wandb_required.")
 
 
 def validate(c: Config) -> None:
@@ -244,6 +263,7 @@ def validate(c: Config) -> None:
     if c.pretrained_path is not None and not Path(c.pretrained_path).is_file():
         raise UserError(f"pretrained_path: {c.pretrained_path} is not a file; give a weights file.")
     _check_hub_keys(c)
+    _check_wandb_keys(c)
     if c.resume not in ("auto", "none", "overwrite") and not Path(c.resume).is_dir():
         raise UserError(f"resume: {c.resume} is not a checkpoint folder; use auto, none, overwrite "
                         "or a checkpoint path.")

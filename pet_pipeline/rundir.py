@@ -67,7 +67,8 @@ METRICS_FILE = "metrics.jsonl"
 MODEL_WEIGHTS = Path("model") / "model.safetensors"  # what export_model writes, with config.json
 
 # Keys that don't change what is trained: a resumed run may change them.
-FREE_KEYS = ("report_to", "wandb_project", "run_name", "log_every", "num_workers", "gradcam_images",
+FREE_KEYS = ("report_to", "wandb_project", "wandb_init_timeout_s", "wandb_finish_timeout_s", "wandb_required",
+             "run_name", "log_every", "num_workers", "gradcam_images",
              "eval_batch_size", "checkpoint_steps", "keep_checkpoints", "compile", "channels_last",
              "mixed_precision", "strict_data", "collective_timeout_s",
              "push_to_hub", "hub_model_id", "hub_private",

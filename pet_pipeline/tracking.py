@@ -6,6 +6,7 @@ the run under output_dir/wandb, and the end of the run prints the `wandb sync` c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import netrc
@@ -39,17 +40,90 @@ def choose_wandb_mode() -> str:
     return os.environ.get("WANDB_MODE", "online")
 
 
-def init_trackers(accelerator, *, report_to: str, run_id: str, output_dir: str, project: str = "pet-pipeline",
-                  run_name: str | None = None, config: dict | None = None) -> None:
-    """Start the trackers on the main process; a resumed run logs into the same W&B run
-    (`run_id`), named after output_dir unless `run_name` says otherwise."""
-    if report_to == "none":
-        return
+def wandb_server() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+
+
+def check_wandb_online(timeout_s: float) -> None:
+    """`wandb_required: true`: refuse now, before any heavy work, where W&B would log offline
+    (no login, WANDB_MODE) or its server does not answer within `timeout_s`."""
+    import urllib.error
+    import urllib.request
+
+    from pet_pipeline.errors import UserError
+
+    mode = choose_wandb_mode()
+    if mode != "online":
+        why = "no W&B login (WANDB_API_KEY or `wandb login`)" if not has_wandb_credentials() \
+            else f"WANDB_MODE={mode}"
+        raise UserError(f"wandb_required: W&B would log offline here ({why}); log in, or set "
+                        "wandb_required: false to log offline and upload later with `wandb sync`.")
+    try:
+        urllib.request.urlopen(wandb_server(), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        pass  # it answered: reachable
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise UserError(f"wandb_required: the W&B server {wandb_server()} did not answer within "
+                        f"{timeout_s:g} s ({reason}); check the network or proxy, or set wandb_required: "
+                        "false to log offline and upload later with `wandb sync`.") from None
+
+
+def init_trackers(accelerator, config, *, run_id: str) -> str | None:
+    """Start the trackers of `config.report_to` on the main process; a resumed run logs into
+    the same W&B run (`run_id`), named after output_dir unless `run_name` says otherwise.
+
+    W&B waits for its server at most `wandb_init_timeout_s`; when that fails (a key but no
+    route to the server, a server that does not answer), it starts again offline with the same
+    run id and folder, and the line to print is returned (None otherwise). The end of the run
+    waits for uploads at most `wandb_finish_timeout_s`."""
+    from pet_pipeline.config import to_dict
+
+    if config.report_to == "none":
+        return None
     init_kwargs = {}
-    if "wandb" in trackers_for(report_to):
-        init_kwargs["wandb"] = {"name": run_name or Path(output_dir).name, "id": run_id, "resume": "allow",
-                                "dir": str(output_dir)}
-    accelerator.init_trackers(project, config=config or {}, init_kwargs=init_kwargs)
+    uses_wandb = "wandb" in trackers_for(config.report_to)
+    if uses_wandb:
+        import wandb
+
+        init_kwargs["wandb"] = {
+            "name": config.run_name or Path(config.output_dir).name, "id": run_id, "resume": "allow",
+            "dir": str(config.output_dir),
+            "settings": wandb.Settings(init_timeout=config.wandb_init_timeout_s,
+                                       finish_timeout=config.wandb_finish_timeout_s)}
+    try:
+        accelerator.init_trackers(config.wandb_project, config=to_dict(config), init_kwargs=init_kwargs)
+    except Exception as error:  # W&B raises its own errors, timeouts and OSErrors here
+        if not uses_wandb or os.environ.get("WANDB_MODE", "online") != "online":
+            raise
+        return _wandb_offline_instead(accelerator, config, init_kwargs, error)
+    return None
+
+
+def _wandb_offline_instead(accelerator, config, init_kwargs: dict, error: Exception) -> str:
+    """The trackers started again with W&B offline; the line that says so."""
+    import wandb
+
+    from pet_pipeline.config import to_dict
+    from pet_pipeline.errors import UserError
+
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if config.wandb_required:
+        raise UserError(f"wandb_required: W&B could not start online ({reason}); check the network "
+                        "and login, or set wandb_required: false to log offline.") from None
+    with contextlib.suppress(Exception):  # an internal module (wandb 0.31): gone in others is fine
+        from wandb.analytics.opentelemetry import opentelemetry_proxy
+
+        # W&B's own usage analytics would try the same server again as the process exits
+        # (~10 s more against one that never answers)
+        opentelemetry_proxy.disable()
+    wandb.teardown()  # the failed online attempt still holds the run id in W&B's service
+    accelerator.trackers = []
+    os.environ["WANDB_MODE"] = "offline"
+    accelerator.init_trackers(config.wandb_project, config=to_dict(config), init_kwargs=init_kwargs)
+    folder = Path(wandb.run.dir).parent if wandb.run is not None else Path(config.output_dir) / "wandb"
+    return (f"W&B server {wandb_server()} unreachable after {config.wandb_init_timeout_s:g} s ({reason}): "
+            f"logging offline to {folder}; upload later with `wandb sync {folder}`")
 
 
 def wandb_sync_hint(accelerator) -> str | None:

@@ -137,9 +137,9 @@ class Trainer:
         Returns the exit status (0, or PREEMPTED_EXIT_CODE after a stop)."""
         config, state, schedule = self.config, self.state, self.schedule
         self._say_how_it_starts()
-        init_trackers(self.accelerator, report_to=config.report_to, run_id=state.wandb_run_id,
-                      output_dir=str(self.run_dir.path), project=config.wandb_project,
-                      run_name=config.run_name, config=to_dict(config))
+        offline_instead = init_trackers(self.accelerator, config, run_id=state.wandb_run_id)
+        if offline_instead:  # W&B's server did not answer: the run logs offline, said in one line
+            self.run_log.print(offline_instead)
         self.progress = self.run_log.start_progress(schedule.total_steps, state.global_step)
         self.clock.seconds["setup"] = self.clock.elapsed()  # everything before step 1
         self.stop.arm(every=config.log_every)  # before this, a signal ended the process at once
