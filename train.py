@@ -25,7 +25,14 @@ import os
 import sys
 
 from pet_pipeline.config import Config, load_config
-from pet_pipeline.errors import PREEMPTED_EXIT_CODE, StoppedBeforeTraining, UserError, exit_with
+from pet_pipeline.errors import (
+    INTERRUPTED_EXIT_CODE,
+    QuitWithoutSaving,
+    StoppedBeforeTraining,
+    UserError,
+    exit_with,
+    stop_exit_code,
+)
 
 
 def train(config: Config, argv: list[str]) -> int:
@@ -33,12 +40,16 @@ def train(config: Config, argv: list[str]) -> int:
     checked = check_before_heavy_work(config)
     # torch, timm and the rest are imported here rather than at the top, so that `--help`
     # and a mistyped key or value answer in a fraction of a second instead of after ~8 s.
+    from pet_pipeline.preemption import StopFlag
     from pet_pipeline.rundir import RunDirectory
     from pet_pipeline.trainer import Trainer
 
-    # one lock per job, held by the global main process until the job ends
-    with RunDirectory(config.output_dir).held(lock=int(os.environ.get("RANK", "0")) == 0) as run_dir:
-        trainer = Trainer(config, argv, run_dir=run_dir, checked=checked)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    # one lock per job, held by the global main process until the job ends; stop signals
+    # (SIGTERM, SIGUSR1, Ctrl-C) handled by the run until then
+    with RunDirectory(config.output_dir).held(lock=main_process) as run_dir, \
+            StopFlag.installed(announce=main_process) as stop:
+        trainer = Trainer(config, argv, run_dir=run_dir, stop=stop, checked=checked)
         exit_code = trainer.fit()
         trainer.close(exit_code)
     return exit_code
@@ -84,14 +95,36 @@ def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    config = None
     try:
-        return train(load_config(argv), argv)
+        config = load_config(argv)
+        return train(config, argv)
     except UserError as error:
         exit_with(error)
-    except StoppedBeforeTraining as signal_name:
-        print(f"stopped on {signal_name} before the first step: nothing to save; rerun the same "
-              f"command to start (exit status {PREEMPTED_EXIT_CODE})", file=sys.stderr, flush=True)
-        return PREEMPTED_EXIT_CODE
+    except StoppedBeforeTraining as stop:
+        exit_code = stop_exit_code(str(stop))
+        print(f"stopped on {stop} before the first step: nothing to save; rerun the same "
+              f"command to start (exit status {exit_code})", file=sys.stderr, flush=True)
+        return exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the run set its own handler (imports, checks)
+        print(f"stopped on SIGINT before the run started: nothing to save (exit status "
+              f"{INTERRUPTED_EXIT_CODE})", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
+    except QuitWithoutSaving:
+        print(f"quit on a second Ctrl-C without saving; {_what_is_kept(config)}", file=sys.stderr,
+              flush=True)
+        return INTERRUPTED_EXIT_CODE
+
+
+def _what_is_kept(config: Config) -> str:
+    """What a rerun resumes from, said after a quit: the newest complete checkpoint."""
+    from pet_pipeline.checkpoint import list_checkpoints
+
+    again = "the same command" if config.resume == "auto" else "the command with resume: auto"
+    kept = list_checkpoints(config.output_dir)
+    if not kept:
+        return f"no checkpoint was complete yet: {again} starts the run again"
+    return f"{kept[-1].name} is complete: {again} resumes from it"
 
 
 if __name__ == "__main__":

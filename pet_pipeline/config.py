@@ -388,12 +388,50 @@ def _is_number(text: str) -> bool:
     return True
 
 
+MAX_CONFIG_BYTES = 1 << 20  # every key of Config, commented, is a few KB
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first_line: int, second_line: int):
+        super().__init__(key)
+        self.key, self.lines = key, (first_line, second_line)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last one silently: a user who set lr twice trains with the one they forgot)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag in ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"):
+                    continue  # `<<: *defaults`: merged keys may be overridden, as YAML says
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable):
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config: {path} does not exist; give the path of a YAML file.")
+    size = p.stat().st_size
+    if size > MAX_CONFIG_BYTES:  # before reading it: a wrong file can be any size
+        raise UserError(f"config: {path} is {size / 1e6:.1f} MB, not a config file (they hold a few KB "
+                        f"of keys; the limit is {MAX_CONFIG_BYTES // 1024} KB); give the right file.")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_bytes(), Loader=_StrictLoader) or {}  # bytes: not text is a YAMLError
+    except OSError as e:
+        raise UserError(f"config: {path} can't be read ({e.strerror}); check its permissions.") from None
+    except _DuplicateKey as e:
+        first, second = e.lines
+        raise UserError(f"config: {path} gives {e.key!r} twice (lines {first} and {second}); keep "
+                        "the one you mean and delete the other.") from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""

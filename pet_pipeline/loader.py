@@ -111,11 +111,12 @@ def default_num_workers(processes_per_node: int = 1) -> int:
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """Loader workers leave stop signals to the main process, which checkpoints and then
-    ends them. SLURM's scancel and `pkill -f train.py` signal every process: a worker that
-    died of it made the next batch raise 'DataLoader worker ... killed by signal' (a
+    ends them. SLURM's scancel, `pkill -f train.py` and Ctrl-C signal every process: a worker
+    that died of it made the next batch raise 'DataLoader worker ... killed by signal' (a
     traceback, exit 1, no checkpoint, no requeue) instead of the stop at the next step."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole foreground group
 
 
 def _kill_loader_workers() -> None:

@@ -1,4 +1,5 @@
-"""Stop requests from SLURM (USR1 ahead of the time limit) or a scheduler (SIGTERM).
+"""Stop requests from SLURM (USR1 ahead of the time limit), a scheduler (SIGTERM) or a person
+at the terminal (Ctrl-C: SIGINT; a second Ctrl-C quits at once, without saving).
 
 The handler only raises a flag. The training loop calls `StopFlag.check(accelerator, step)`
 after every optimizer step and evaluation calls `poll` after every batch. With several
@@ -13,12 +14,18 @@ free. `check` raises `StopRequested`, which train.py handles in one place.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
+from contextlib import contextmanager
 
 import torch
 
-from pet_pipeline.errors import PREEMPTED_EXIT_CODE, StoppedBeforeTraining  # noqa: F401 (re-exported)
+from pet_pipeline.errors import (  # noqa: F401 (PREEMPTED_EXIT_CODE re-exported)
+    PREEMPTED_EXIT_CODE,
+    QuitWithoutSaving,
+    StoppedBeforeTraining,
+)
 
 AGREE_WITHIN_S = 30.0  # leaves most of SLURM's 120 s warning to the checkpoint
 
@@ -54,13 +61,27 @@ class Cadence:
 
 
 class StopFlag:
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT), *, announce: bool = True):
         self.requested = False
         self.signal_name = None
         self.armed = False  # until arm(): a signal ends the process at once
+        self.announce = announce  # say what a Ctrl-C does (the main process; the others stay quiet)
+        self.interrupts = 0  # Ctrl-Cs so far
         self.steps = self.batches = Cadence(1)
-        for sig in signals:
-            signal.signal(sig, self._handle)
+        self.pid = os.getpid()  # forked children (a map pool, loader workers) inherit the handler
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+    @classmethod
+    @contextmanager
+    def installed(cls, **options):
+        """A StopFlag for the length of a `with` block; the handlers before it are put back
+        after (train.main called from a notebook leaves Ctrl-C as it found it)."""
+        flag = cls(**options)
+        try:
+            yield flag
+        finally:
+            for sig, handler in flag._previous.items():
+                signal.signal(sig, handler)
 
     def arm(self, every: int = 1) -> None:
         """From here on (the first step), a signal asks for a checkpoint at the next
@@ -68,10 +89,21 @@ class StopFlag:
         self.armed, self.steps = True, Cadence(every)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a forked child: the main process decides and ends it
+            return
+        name = signal.Signals(signum).name
+        self.interrupts += name == "SIGINT"
+        if self.interrupts > 1 and self.armed:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # one more Ctrl-C ends the process outright
+            raise QuitWithoutSaving(name)  # Ctrl-C again: the person does not want to wait
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = self.signal_name or name
         if not self.armed:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             raise StoppedBeforeTraining(self.signal_name)
+        if name == "SIGINT" and self.announce:  # os.write: print() may be mid-write to stderr
+            os.write(2, b"\nstopping after this step: saving a checkpoint (Ctrl-C again to quit without "
+                        b"saving)\n")
 
     def check(self, accelerator, step: int) -> None:
         """After optimizer step `step`: raise StopRequested on every rank, at the same step,

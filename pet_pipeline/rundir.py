@@ -358,6 +358,7 @@ class RunDirectory:
             yield self
         finally:
             self.unlock()
+            atexit.unregister(self.unlock)
 
     def _busy(self, holder: dict | None) -> str:
         who = "another process"

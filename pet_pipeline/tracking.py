@@ -94,10 +94,19 @@ def init_trackers(accelerator, config, *, run_id: str) -> str | None:
     try:
         accelerator.init_trackers(config.wandb_project, config=to_dict(config), init_kwargs=init_kwargs)
     except Exception as error:  # W&B raises its own errors, timeouts and OSErrors here
-        if not uses_wandb or os.environ.get("WANDB_MODE", "online") != "online":
+        if not _wandb_could_not_reach_its_server(error):
             raise
         return _wandb_offline_instead(accelerator, config, init_kwargs, error)
     return None
+
+
+def _wandb_could_not_reach_its_server(error: Exception) -> bool:
+    """An error of W&B's online start (its own errors, timeouts, connections), not TensorBoard's
+    nor an offline W&B's."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None or os.environ.get("WANDB_MODE", "online") != "online":
+        return False
+    return isinstance(error, (wandb.errors.Error, TimeoutError, ConnectionError))
 
 
 def _wandb_offline_instead(accelerator, config, init_kwargs: dict, error: Exception) -> str:

@@ -1,12 +1,13 @@
 """The training job, top to bottom: one image from disk to the confusion matrix.
 
-    with RunDirectory(config.output_dir).held() as run_dir:
-        trainer = Trainer(config, argv, run_dir=run_dir, checked=check_before_heavy_work(config))
+    with RunDirectory(config.output_dir).held() as run_dir, StopFlag.installed() as stop:
+        trainer = Trainer(config, argv, run_dir=run_dir, stop=stop, checked=check_before_heavy_work(config))
         exit_code = trainer.fit()     # start or resume, the epochs, the final report
         trainer.close(exit_code)      # timing, trackers, the Hub upload
 
 What `Trainer.__init__` builds, in the order the job needs it:
-1. the stop flag (SIGTERM / SIGUSR1: checkpoint at the next step), in the locked run directory;
+1. (given) the locked run directory and the stop flag (SIGTERM, SIGUSR1, Ctrl-C: a checkpoint
+   at the next step);
 2. the Accelerator (processes, precision, accumulation, trackers);
 3. the data: `datasets` splits (pet_pipeline/data.py), decoded and augmented per sample in
    loader workers (pet_pipeline/loader.py, transforms.py), colour jitter and normalisation
@@ -32,7 +33,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from pet_pipeline.checkpoint import Checkpointer, TrainState, json_safe, load_checkpoint
 from pet_pipeline.config import Config, to_dict
 from pet_pipeline.data import PetData, split_fingerprint
-from pet_pipeline.errors import PREEMPTED_EXIT_CODE, UserError
+from pet_pipeline.errors import UserError, stop_exit_code
 from pet_pipeline.preemption import StopFlag, StopRequested
 from pet_pipeline.rundir import RunDirectory, StartPlan
 from pet_pipeline.schedule import Schedule
@@ -88,14 +89,14 @@ class Learner:
 
 
 class Trainer:
-    def __init__(self, config: Config, argv: list[str], *, run_dir: RunDirectory,
+    def __init__(self, config: Config, argv: list[str], *, run_dir: RunDirectory, stop: StopFlag,
                  checked: tuple[dict, list[str]]):
         from pet_pipeline.builders import build_accelerator, build_data, build_learner, check_launch
 
         data_config, class_names = checked  # from train.check_before_heavy_work
         self.config, self.clock = config, PhaseClock()  # where the wall time goes
         self.run_dir = run_dir  # locked by the job's global main process (train.train)
-        self.stop = StopFlag()  # SIGTERM / SIGUSR1 -> checkpoint and exit at the next step
+        self.stop = stop  # SIGTERM / SIGUSR1 / Ctrl-C -> checkpoint and exit at the next step
         self.accelerator = accelerator = build_accelerator(config, self.run_dir.path)
         check_launch(accelerator)  # every process of the launch joined this one job
         set_seed(config.seed)  # before the model: the seed also fixes the new head's weights
@@ -134,7 +135,7 @@ class Trainer:
 
     def fit(self) -> int:
         """Start or resume; per epoch: train, validate when due, checkpoint; then the report.
-        Returns the exit status (0, or PREEMPTED_EXIT_CODE after a stop)."""
+        Returns the exit status (0; after a stop 75, or 130 for Ctrl-C)."""
         config, state, schedule = self.config, self.state, self.schedule
         self._say_how_it_starts()
         offline_instead = init_trackers(self.accelerator, config, run_id=state.wandb_run_id)
@@ -345,8 +346,9 @@ class Trainer:
             except (FloatingPointError, RuntimeError) as error:
                 raise self.explain_failure(error) from None
         again = "the same command" if self.config.resume == "auto" else "with resume: auto"
-        self.run_log.print(f"rerun {again} to resume (exit status {PREEMPTED_EXIT_CODE})")
-        return PREEMPTED_EXIT_CODE
+        exit_code = stop_exit_code(self.stop.signal_name)  # Ctrl-C: 130, never requeued
+        self.run_log.print(f"rerun {again} to resume (exit status {exit_code})")
+        return exit_code
 
     def explain_failure(self, error: Exception) -> Exception:
         """The one sentence for a failure inside the loop that the user can act on, or the

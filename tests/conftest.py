@@ -191,12 +191,16 @@ def run_in_process(main, argv: list[str], *, env: dict | None = None) -> Finishe
     import io
     import signal
 
+    import torch
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    saved_env = dict(os.environ)
+    saved_env, saved_threads = dict(os.environ), torch.get_num_threads()
     signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGCHLD)
     saved_handlers = {sig: signal.getsignal(sig) for sig in signals}
     os.environ.update({**RUN_ENV, **(env or {})})
+    if "WANDB_API_KEY" not in (env or {}):  # the developer's own login is not the test's
+        os.environ.pop("WANDB_API_KEY", None)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # as a subprocess would have
     stdout, stderr = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -205,14 +209,23 @@ def run_in_process(main, argv: list[str], *, env: dict | None = None) -> Finishe
             except SystemExit as end:
                 code = end.code
     finally:
-        os.environ.clear()
+        _finish_wandb_run()  # a run that ended in an error leaves wandb.run for the next one
+        for key in set(os.environ) - set(saved_env):
+            del os.environ[key]
         os.environ.update(saved_env)
+        torch.set_num_threads(saved_threads)
         for sig, handler in saved_handlers.items():
             signal.signal(sig, handler)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
         PartialState._reset_state()
     return Finished(int(code or 0), stdout.getvalue(), stderr.getvalue())
+
+
+def _finish_wandb_run() -> None:
+    wandb = sys.modules.get("wandb")  # only if a run imported it
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def train_in_process(values: dict | list[str], *, env: dict | None = None) -> Finished:

@@ -176,21 +176,27 @@ def stop_and_resume(out: Path, env, *, when, signal_to_launcher=signal.SIGTERM, 
     return output, process.returncode, state
 
 
-def assert_stopped_cleanly(output: str, returncode: int) -> None:
-    # every rank saved and left with train.py's status 75; torchrun (also inside `accelerate
-    # launch` with several processes), itself signalled, forwards the signal, waits for its
-    # workers and exits 1 with a SignalException traceback
+def assert_stopped_cleanly(output: str, returncode: int, signal_name: str = "SIGTERM") -> None:
+    # every rank saved and left with train.py's status (75, or 130 for Ctrl-C); torchrun (also
+    # inside `accelerate launch` with several processes), itself signalled, forwards the signal,
+    # waits for its workers and exits 1 with a SignalException traceback
     assert returncode == 1, output[-3000:]
-    assert "SignalException" in output and "stopping on SIGTERM at step" in output, output[-3000:]
-    assert f"rerun the same command to resume (exit status {PREEMPTED_EXIT_CODE})" in output
+    assert "SignalException" in output and f"stopping on {signal_name} at step" in output, output[-3000:]
+    exit_code = 130 if signal_name == "SIGINT" else PREEMPTED_EXIT_CODE
+    assert f"rerun the same command to resume (exit status {exit_code})" in output
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_checkpoints_and_resumes_to_the_same_weights(tmp_path, env, uninterrupted):
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_mid_epoch_checkpoints_and_resumes_to_the_same_weights(tmp_path, env, uninterrupted, sent):
+    """SIGTERM from a scheduler, or Ctrl-C at the terminal (which reaches torchrun: its workers
+    have a session of their own, and it forwards the signal to them)."""
     out = tmp_path / "stopped"
     output, returncode, state = stop_and_resume(
-        out, env, when=lambda r: r.get("step", 0) >= 4 and "train_loss" in r)
-    assert_stopped_cleanly(output, returncode)
+        out, env, when=lambda r: r.get("step", 0) >= 4 and "train_loss" in r, signal_to_launcher=sent)
+    assert_stopped_cleanly(output, returncode, sent.name)
+    said = "stopping after this step: saving a checkpoint (Ctrl-C again to quit without saving)"
+    assert output.count(said) == (1 if sent == signal.SIGINT else 0), "only the main process says it"
     assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < STEPS_PER_EPOCH, state
     assert_same_weights(final_weights(out), final_weights(uninterrupted))
 

@@ -37,6 +37,15 @@ def write(path, text: str):
 # ----------------------------------------------------------------------------- precedence
 
 
+def test_yaml_anchors_and_merge_keys_still_work_and_python_tags_are_still_refused(tmp_path):
+    """A key given twice is refused, but a merged key overridden is what YAML means by `<<`."""
+    values = read_yaml(write(tmp_path / "merge.yaml", "base: &base {lr: 1.0e-4, epochs: 3}\n"
+                                                      "run:\n  <<: *base\n  lr: 3.0e-4\n"))
+    assert values["run"] == {"lr": 3.0e-4, "epochs": 3}
+    with pytest.raises(UserError, match="is not valid YAML"):
+        read_yaml(write(tmp_path / "tag.yaml", "lr: !!python/object/apply:os.system ['true']\n"))
+
+
 def test_cli_overrides_file_overrides_defaults(tmp_path):
     config_file = write(tmp_path / "run.yaml", (
         "epochs: 3\n"
@@ -158,6 +167,27 @@ def _not_a_mapping(tmp_path):
     return ["--config", write(tmp_path / "list.yaml", "- epochs\n- 3\n")]
 
 
+def _key_twice(tmp_path):
+    return ["--config", write(tmp_path / "twice.yaml", "lr: 1.0e-4\nepochs: 3\n# later\nlr: 3.0e-4\n")]
+
+
+def _key_twice_nested(tmp_path):  # a mapping inside a value is checked as well
+    return ["--config", write(tmp_path / "nested.yaml", "epochs: 2\nnotes:\n  a: 1\n  a: 2\n")]
+
+
+def _not_text(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    return ["--config", str(path)]
+
+
+def _huge_file(tmp_path):
+    """A 2 MB YAML file (a log or data file given by mistake; at 50 MB parsing it ended in a
+    MemoryError traceback): refused from its size, before it is read."""
+    return ["--config", write(tmp_path / "huge.yaml", "# a comment line of forty characters..\n" * 50_000
+                              + "epochs: 1\n")]
+
+
 BAD_COMMAND_LINES = {  # id -> (argv or a function of tmp_path, the key named, what the line says)
     "unknown-key": (["--epoch", "3"], "epoch", "did you mean 'epochs'?"),
     "unknown-key-in-file": (_unknown_key_in_file, "batchsize", "did you mean 'batch_size'?"),
@@ -167,6 +197,10 @@ BAD_COMMAND_LINES = {  # id -> (argv or a function of tmp_path, the key named, w
     "out-of-range": (["--val_fraction", "1.5"], "val_fraction", "[0, 1)"),
     "bad-yaml": (_bad_yaml, "config", "is not valid YAML (line"),
     "yaml-not-a-mapping": (_not_a_mapping, "config", "must hold a mapping"),
+    "key-twice": (_key_twice, "config", "gives 'lr' twice (lines 1 and 4); keep the one you mean"),
+    "key-twice-nested": (_key_twice_nested, "config", "gives 'a' twice (lines 3 and 4)"),
+    "not-text": (_not_text, "config", "is not valid YAML"),
+    "huge-file": (_huge_file, "config", "is 2.0 MB, not a config file (they hold a few KB"),
     "missing-config-file": (["--config", "no/such/file.yaml"], "config", "does not exist"),
     "missing-value": (["--epochs"], "epochs", "missing value"),
     "positional": (["fast"], "fast", "options look like --key value"),

@@ -683,9 +683,11 @@ def test_killed_while_re_saving_a_step_restores_the_earlier_save(tmp_path, env):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_whole_process_group_stops_with_a_checkpoint(tmp_path, env):
-    """scancel and `pkill -f train.py` signal the loader workers too: the run must still
-    stop at the next step with a checkpoint and exit 75, not die of a killed worker."""
+@pytest.mark.parametrize("sent, exit_code", [("SIGTERM", PREEMPTED_EXIT_CODE), ("SIGINT", 130)])
+def test_a_stop_signal_to_the_whole_process_group_stops_with_a_checkpoint(tmp_path, env, sent, exit_code):
+    """scancel, `pkill -f train.py` and Ctrl-C at a terminal signal the loader workers too:
+    the run must still stop at the next step with a checkpoint and exit 75 (130 for Ctrl-C),
+    not die of a killed worker."""
     import signal
 
     out = tmp_path / "run"
@@ -697,10 +699,10 @@ def test_sigterm_to_the_whole_process_group_stops_with_a_checkpoint(tmp_path, en
     while not ((out / "metrics.jsonl").exists() and read_metrics(out / "metrics.jsonl")):
         assert process.poll() is None and time.time() < deadline, "training did not start"
         time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGTERM)  # every process of the group, workers included
+    os.killpg(process.pid, getattr(signal, sent))  # every process of the group, workers included
     output, _ = process.communicate(timeout=300)
-    assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
-    assert "stopping on SIGTERM" in output and "Traceback" not in output
+    assert process.returncode == exit_code, output[-3000:]
+    assert f"stopping on {sent}" in output and "Traceback" not in output
     assert list_checkpoints(out)
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch  # noqa: F401 (imported here, not inside the timed refusals below)
 from conftest import TINY, ok, refused, train_in_subprocess
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -18,7 +18,7 @@ import torch
 from conftest import COATNET_MODEL, TINY, cli, ok, refused, train_in_subprocess
 from safetensors.torch import load_file
 
-from pet_pipeline.checkpoint import TrainState, check_same_split, list_checkpoints
+from pet_pipeline.checkpoint import TrainState, check_same_split, list_checkpoints, verify_checkpoint
 from pet_pipeline.errors import UserError
 from pet_pipeline.model import build_model
 from pet_pipeline.preemption import PREEMPTED_EXIT_CODE
@@ -168,22 +168,44 @@ def wait_for_step(path: Path, step: int, process, timeout=300) -> None:
     raise AssertionError(f"step {step} not reached")
 
 
-@pytest.mark.slow
-def test_sigterm_then_resume_gives_the_uninterrupted_result(tmp_path, env, train_run):
-    # CoAtNet's ~1 s steps: the signal, sent once step 3 is logged, lands inside epoch 0
-    values = {**TINY, **COATNET_MODEL, "epochs": 2, "val_fraction": 0.25, "drop_path_rate": 0.2,
-              "augment": "strong", "ema_decay": 0.9, "report_to": "wandb", "num_workers": 1, "pre_resize": 40}
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    ok(train_run({**values, "output_dir": straight}))
+# CoAtNet's ~1 s steps: a signal sent once step 3 is logged lands inside epoch 0
+STOPPABLE = {**TINY, **COATNET_MODEL, "epochs": 2, "val_fraction": 0.25, "drop_path_rate": 0.2,
+             "augment": "strong", "ema_decay": 0.9, "report_to": "wandb", "num_workers": 1, "pre_resize": 40}
 
-    # the signal comes from outside, as from a scheduler: this run is a process of its own
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli(values), "--output_dir",
-                                str(stopped)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, train_run) -> Path:
+    """STOPPABLE, never stopped: the reference of the stop-and-resume tests."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    ok(train_run({**STOPPABLE, "output_dir": out}))
+    return out
+
+
+def start_stoppable(out: Path, env) -> subprocess.Popen:
+    """STOPPABLE as a process of its own, for signals from outside (a scheduler, a terminal)."""
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli(STOPPABLE), "--output_dir",
+                             str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sent, exit_code", [(signal.SIGTERM, PREEMPTED_EXIT_CODE), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_then_resume_gives_the_uninterrupted_result(tmp_path, env, train_run, straight_run,
+                                                                   sent, exit_code):
+    """SIGTERM from a scheduler, or one Ctrl-C at the terminal: a checkpoint at the next step
+    and a clean exit (75 asks a scheduler to requeue; 130, Ctrl-C's, does not); the same
+    command then ends where the uninterrupted run did."""
+    values, straight, stopped = STOPPABLE, straight_run, tmp_path / "stopped"
+    process = start_stoppable(stopped, env)
     wait_for_step(stopped / "metrics.jsonl", 3, process)  # mid-epoch: 9 steps per epoch
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sent)
     output, _ = process.communicate(timeout=300)
-    assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
+    assert process.returncode == exit_code, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert f"rerun the same command to resume (exit status {exit_code})" in output
+    said = "stopping after this step: saving a checkpoint (Ctrl-C again to quit without saving)"
+    assert (said in output) == (sent == signal.SIGINT)
     assert "time: setup" in output  # a stopped run also says where its time went
     (checkpoint,) = list_checkpoints(stopped)
     stop_step = json.loads((checkpoint / "train_state.json").read_text())["global_step"]
@@ -206,6 +228,40 @@ def test_sigterm_then_resume_gives_the_uninterrupted_result(tmp_path, env, train
         assert list(resumed.values()) == pytest.approx(list(reference.values()), rel=1e-5)
     run_ids = {read_offline_run(f)["run_id"] for f in offline_runs(stopped)}
     assert len(offline_runs(stopped)) == 2 and len(run_ids) == 1, "resume started a new W&B run"
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_quits_at_once_and_the_newest_complete_checkpoint_resumes(tmp_path, env, train_run):
+    """The second Ctrl-C does not wait for the checkpoint the first asked for: one line, exit
+    130; whatever it cut short, the newest complete checkpoint verifies and the rerun resumes."""
+    out = tmp_path / "run"
+    values = {**STOPPABLE, "max_steps": 6, "checkpoint_steps": 1, "keep_checkpoints": 5, "report_to": "none",
+              "output_dir": out}
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as stderr_file:
+        process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli(values)], env=env, cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+    wait_for_step(out / "metrics.jsonl", 3, process)
+    process.send_signal(signal.SIGINT)
+    # the second once the first was handled: two signals in one long C call count as one
+    deadline = time.time() + 30
+    while "stopping after this step" not in errors.read_text():
+        assert time.time() < deadline and process.poll() is None, errors.read_text()[-2000:]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    started = time.time()
+    stdout, _ = process.communicate(timeout=120)
+    stderr = errors.read_text()
+    assert process.returncode == 130, stdout[-2000:] + stderr[-3000:]
+    assert time.time() - started < 30, "the second Ctrl-C should not wait for the stop's checkpoint"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    (line,) = [x for x in stderr.splitlines() if x.startswith("quit on a second Ctrl-C")]
+    newest = list_checkpoints(out)[-1]
+    assert f"quit on a second Ctrl-C without saving; {newest.name} is complete: the same command " \
+           "resumes from it" == line
+    assert verify_checkpoint(newest) is None
+    resumed = ok(train_run(values))
+    assert f"resuming from {newest.name}" in resumed.stdout
 
 
 # --------------------------------------------------------------------------- two processes
