@@ -230,7 +230,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _why(error: BaseException, folder: Path) -> str:
+def write_error_reason(error: BaseException, folder: Path) -> str:
     """A few words for a write error; torch and safetensors bury a full disk in their own
     messages ("unexpected pos 576 vs 534", "os error 28"), so ask the filesystem too."""
     if isinstance(error, OSError) and error.errno:
@@ -291,7 +291,8 @@ class Checkpointer:
             except Exception as e:  # OSError; torch's RuntimeError; SafetensorError on a full disk
                 error = e
         if self._any_rank_failed(error is not None or not tmp.is_dir()):
-            reason = _why(error, self.folder) if error else "another process failed to write its part"
+            reason = (write_error_reason(error, self.folder) if error
+                      else "another process failed to write its part")
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = self.newest_complete()
@@ -310,9 +311,10 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
         if self._any_rank_failed(commit_error is not None):  # every rank ends, not only the main one
             where = "freed the partial copy" if not final.exists() else f"{final.name} is in place"
+            reason = (write_error_reason(commit_error, self.folder) if commit_error
+                      else "the main process failed")
             raise CheckpointWriteError(
-                f"checkpoint {final.name} could not be committed in {self.folder}: "
-                f"{_why(commit_error, self.folder) if commit_error else 'the main process failed'}; "
+                f"checkpoint {final.name} could not be committed in {self.folder}: {reason}; "
                 f"{where}; fix the folder and rerun the same command to resume.")
         accelerator.wait_for_everyone()
         self._last_saved = values

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.data import resolve_data_config
 
-from pet_pipeline.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE, umask
+from pet_pipeline.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE, umask, write_error_reason
 from pet_pipeline.config import check_model_dir
 from pet_pipeline.errors import UserError
 
@@ -152,9 +152,17 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, *, class_names: li
     mode = 0o666 & ~umask()  # safetensors writes 0600; the run's files follow the umask
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights_tmp, config_tmp = out_dir / f".{EXPORT_WEIGHTS}.tmp", out_dir / f".{EXPORT_CONFIG}.tmp"
-    save_file(state, str(weights_tmp))
-    save_config_for_hf(model, str(config_tmp), model_config={"label_names": list(class_names)},
-                       data_config=dict(data_config))
+    try:
+        save_file(state, str(weights_tmp))
+        save_config_for_hf(model, str(config_tmp), model_config={"label_names": list(class_names)},
+                           data_config=dict(data_config))
+    except Exception as error:  # OSError; SafetensorError on a full disk ("os error 28")
+        for tmp in (weights_tmp, config_tmp):
+            tmp.unlink(missing_ok=True)
+        kept = " and kept the previous model/" if (out_dir / EXPORT_WEIGHTS).is_file() else ""
+        raise UserError(f"model/ could not be written to {out_dir}: {write_error_reason(error, out_dir)}; "
+                        f"freed the partial copy{kept}; free some space (or fix the folder) and rerun the "
+                        "same command to resume from the last checkpoint.") from None
     for tmp, name in ((weights_tmp, EXPORT_WEIGHTS), (config_tmp, EXPORT_CONFIG)):
         os.chmod(tmp, mode)
         tmp.replace(out_dir / name)

@@ -732,6 +732,33 @@ def test_a_full_disk_during_a_checkpoint_ends_in_one_sentence_keeping_the_previo
     assert set(modes.values()) == {oct(0o666 & ~_umask())}, modes  # safetensors alone writes 0600
 
 
+def test_a_full_disk_at_model_export_ends_in_one_sentence_keeping_the_previous_model(tmp_path, env,
+                                                                                    monkeypatch):
+    """model/ is written aside and renamed, like a checkpoint: a full disk while writing it
+    (safetensors' own error, as on a real disk) ends in one sentence, the partial file freed,
+    the model/ of the run's earlier end left as it was."""
+    from safetensors import SafetensorError
+
+    from pet_pipeline import model as model_module
+
+    out = tmp_path / "run"
+    values = {**TINY, "max_steps": 2, "output_dir": out}
+    ok(run_train(values, env))
+    before = (out / "model" / "model.safetensors").read_bytes()
+
+    def disk_full(state, path, *args, **kwargs):
+        Path(path).write_bytes(b"\0" * 1000)  # part of the file, then the disk is full
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(model_module, "save_file", disk_full)
+    line = refused(run_train({**values, "max_steps": 3}, env),
+                   f"model/ could not be written to {out / 'model'}", "no space left on device",
+                   "freed the partial copy and kept the previous model/", "rerun the same command to resume")
+    assert line.count(";") >= 2
+    assert [p.name for p in (out / "model").iterdir() if p.name.startswith(".")] == []  # no .tmp left
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
