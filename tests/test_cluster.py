@@ -4,6 +4,8 @@ SLURM cluster running the scripts in slurm/, the offline prefetch and the sweep 
 Every run is train.py in subprocesses on generated pets at 32 px, launched the way the
 scripts launch it. The SLURM tests start a private cluster (tests/slurm_cluster.py) and skip,
 saying why, where SLURM is not installed or we are not root.
+
+Marked `cluster`: a plain `pytest` leaves them out, `pytest -m cluster` runs them; CI runs both.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import run_env  # noqa: E402
 from slurm_cluster import LocalSlurm, SkipCluster  # noqa: E402
 from wandb_offline import read_offline_run  # noqa: E402
+
+pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
