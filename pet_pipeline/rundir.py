@@ -1,9 +1,9 @@
 """The run directory: one owner at a time, and what a start in it means.
 
     with RunDirectory(config.output_dir).held() as run_dir:  # the lock: main process only
-    plan = run_dir.begin(config, num_processes=2, argv=sys.argv[1:], split=fingerprint)
-    plan.action                             # "new", "resume" or "re-evaluate"
-    plan.checkpoint                         # the verified checkpoint to go on from
+        plan = run_dir.begin(config, num_processes=2, argv=sys.argv[1:], split=fingerprint)
+        plan.action                         # "new", "resume" or "re-evaluate"
+        plan.checkpoint                     # the verified checkpoint to go on from
 
 `begin` decides, then acts: `survey` reads what the folder holds (checkpoints, verified
 newest first; results; earlier starts), the pure `plan` turns that and the config into a
