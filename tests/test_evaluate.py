@@ -95,6 +95,7 @@ def test_evaluate_py_reproduces_the_training_accuracy(trained_run, env, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # several processes: pytest -m cluster
 def test_two_processes_count_every_sample_once(trained_run, env, tmp_path):
     """96 test images, batch 7, 2 processes: 96 is no multiple of 14, so the sampler pads."""
     args = ["--model_dir", str(trained_run / "model"), "--batch_size", "7", "--gradcam_images", "0"]
@@ -305,6 +306,7 @@ def test_a_checkpoint_with_ema_loads_the_ema_weights(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # several processes: pytest -m cluster
 def test_a_two_process_checkpoint_evaluates_like_the_exported_model(env, tmp_path):
     """A run trained by 2 processes with EMA: its last checkpoint, evaluated by 2 processes,
     predicts as its model/ folder (the same final EMA weights without validation) with 1."""

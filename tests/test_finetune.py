@@ -160,6 +160,7 @@ def test_head_epochs_train_the_classifier_first_then_everything_and_resume_exact
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # several processes: pytest -m cluster
 def test_head_phase_under_two_processes(tmp_path, env, initial_weights):
     """DDP expects a gradient for every parameter it knows; in the head phase the backbone
     has none (train.py asks DDP to find unused parameters when head_epochs > 0)."""

@@ -268,6 +268,7 @@ def test_ctrl_c_twice_quits_at_once_and_the_newest_complete_checkpoint_resumes(t
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # several processes: pytest -m cluster
 def test_two_cpu_processes_train_log_plain_lines_and_sync_only_at_log_steps(tmp_path, env):
     """2 processes, output to a pipe as in any SLURM job: rank 0 alone writes; the console has
     one plain line per log interval and no bar redraws; outside the log steps (and the first,
