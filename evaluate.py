@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(config: EvalConfig) -> int:
     from accelerate import Accelerator
 
-    from pet_pipeline.data import load_pets
     from pet_pipeline.evaluation import evaluate_and_report
     from pet_pipeline.model import load_trained_model
 
@@ -81,12 +80,12 @@ def evaluate(config: EvalConfig) -> int:
                       f"{len(dataset)} {config.split} images with {accelerator.num_processes} process(es)")
     metrics = evaluate_and_report(model, loader, accelerator, dataset=dataset,
                                   class_names=class_names, data_config=data_config, out_dir=out,
-                                  gradcam_images=config.gradcam_images)
+                                  gradcam_images=config.gradcam_images, tta=config.tta)
     if accelerator.is_main_process:
         print(f"{config.split} accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; "
               f"report in {out}")
         if config.push_to_hub:
-            training = pets if data == run_data else load_pets(species="all", breeds=class_names, **run_data)
+            training = pets if data == run_data else load_model_classes(class_names, run_data)
             push_evaluated_model(config, accelerator.unwrap_model(model, keep_torch_compile=False),
                                  description, metrics=metrics, report_dir=out, run_data=run_data,
                                  split_sizes={name: len(getattr(training, name) or [])
@@ -140,16 +139,29 @@ def report_folder(config: EvalConfig, description: dict) -> Path:
 
 def load_split(config: EvalConfig, accelerator, class_names: list[str], data: dict):
     """(all the splits, the one to evaluate) of the model's classes; a UserError when it is empty."""
-    from pet_pipeline.data import load_pets
-
     with accelerator.local_main_process_first():
-        pets = load_pets(species="all", breeds=class_names, **data)
+        pets = load_model_classes(class_names, data)
     for note in pets.notes:
         accelerator.print(note)
     dataset = {"test": pets.test, "val": pets.val, "train": pets.train}[config.split]
     if dataset is None or len(dataset) == 0:
         raise UserError(f"split: the {config.split} split is empty after filtering; check the data keys.")
     return pets, dataset
+
+
+def load_model_classes(class_names: list[str], data: dict):
+    """The data of `data`'s keys with exactly the model's classes, in the model's order."""
+    from pet_pipeline.data import load_data, source_format
+
+    if source_format(data["data_format"], data["data_dir"], data["dataset"]) == "pets":
+        pets = load_data(species="all", breeds=class_names, **data)
+    else:
+        pets = load_data(classes=class_names, **data)
+    if pets.class_names != class_names:
+        raise UserError(f"data: the data's classes ({', '.join(pets.class_names[:3])}...) are not the "
+                        f"model's ({', '.join(class_names[:3])}...) in its order; give the data the "
+                        "model was trained on.")
+    return pets
 
 
 def prepare_model_and_loader(config: EvalConfig, accelerator, model, dataset, data_config: dict):

@@ -55,14 +55,13 @@ def train(config: Config, argv: list[str]) -> int:
     return exit_code
 
 
-def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
+def check_before_heavy_work(config: Config) -> dict:
     """Mistakes found from the config alone, before the accelerator or any data; returns the
-    model's data config and the class names."""
+    model's data config."""
     import torch
 
-    from pet_pipeline.breeds import kept_breeds
     from pet_pipeline.checkpoint import list_checkpoints
-    from pet_pipeline.data import find_pet_root
+    from pet_pipeline.data import check_data_keys
     from pet_pipeline.model import check_weights_available
     from pet_pipeline.tracking import check_wandb_online, choose_wandb_mode, trackers_for
     from pet_pipeline.transforms import decode_size, model_data_config
@@ -70,9 +69,7 @@ def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("mixed_precision: fp16 needs a GPU; use bf16 or no on a CPU.")
     data_config = model_data_config(config.model, config.image_size)  # also checks the name
-    class_names = kept_breeds(config.species, config.breeds)
-    if config.data_dir is not None:
-        find_pet_root(config.data_dir)  # the official layout is there
+    check_data_keys(config)  # the source is there and its keys fit it
     resuming = config.resume not in ("none", "overwrite") and (
         config.resume != "auto" or list_checkpoints(config.output_dir))
     if not resuming:  # a resumed run's weights come from its checkpoint
@@ -90,7 +87,7 @@ def check_before_heavy_work(config: Config) -> tuple[dict, list[str]]:
         from pet_pipeline.hub import check_hub_access
 
         check_hub_access(config.hub_model_id, ask_the_hub=int(os.environ.get("RANK", "0")) == 0)
-    return data_config, class_names
+    return data_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,18 +57,12 @@ def check_launch(accelerator) -> None:
 
 
 def load_data(config: Config, accelerator):
-    """The pets as datasets.Dataset splits, checked; `pre_resize` caches them resized once."""
-    from pet_pipeline.data import load_pets, pre_resize
+    """The images as datasets.Dataset splits, checked; `pre_resize` caches them resized once."""
+    from pet_pipeline.data import load_data, pre_resize
 
     # one process per node first: the synthetic folder and the Hub download are made once
     with accelerator.local_main_process_first():
-        pets = load_pets(
-            dataset=config.dataset, data_dir=config.data_dir, species=config.species,
-            breeds=config.breeds, val_fraction=config.val_fraction, seed=config.seed,
-            strict_data=config.strict_data,
-            synthetic_images_per_class=config.synthetic_images_per_class,
-            synthetic_image_size=config.synthetic_image_size,
-        )
+        pets = load_data(**data_keys(config))
     if pets.val is None and (config.scheduler == "plateau" or config.early_stopping_patience):
         raise UserError(f"val_fraction: the data is too small for a validation split "
                         f"({'; '.join(pets.notes)}), which scheduler: plateau and early stopping "
@@ -80,6 +74,15 @@ def load_data(config: Config, accelerator):
                     setattr(pets, name, pre_resize(getattr(pets, name), short_side=config.pre_resize,
                                                    num_proc=max(1, loader_workers(config, accelerator))))
     return pets
+
+
+def data_keys(config) -> dict:
+    """The config's keys that say which images, in which splits: data.load_data's arguments."""
+    import inspect
+
+    from pet_pipeline.data import load_data
+
+    return {key: getattr(config, key) for key in inspect.signature(load_data).parameters}
 
 
 def loader_workers(config: Config, accelerator) -> int:
@@ -190,10 +193,11 @@ def start_summary(trainer) -> str:
         f"pet-pipeline: {accelerator.num_processes} process(es) on {accelerator.device.type}"
         f" ({accelerator.distributed_type.value}), precision {accelerator.mixed_precision},"
         f" {data.num_workers} loader worker(s) per process",
-        f"data: train {len(pets.train)} / val {len(pets.val) if pets.val else 0} / test"
+        f"data: {pets.source}",
+        f"  train {len(pets.train)} / val {len(pets.val) if pets.val else 0} / test"
         f" {len(pets.test)} images, {len(class_names)} classes ({', '.join(class_names[:3])}"
         f"{', ...' if len(class_names) > 3 else ''}); {len(pets.skipped)} bad input(s) left out"
-        f" ({pets.duplicates} duplicate line(s) kept once,"
+        f" ({pets.duplicates} duplicate(s) kept once,"
         f" {pets.leaks} train/test leak(s) dropped from training)",
         f"batch: {config.batch_size} per device x {config.grad_accum_steps} accumulation x"
         f" {accelerator.num_processes} process(es) = {effective_batch} images per optimizer step;"

@@ -22,6 +22,7 @@ import yaml
 from pet_pipeline.errors import UserError
 
 SPECIES = ("cat", "dog", "all")
+DATA_FORMATS = ("auto", "pets", "imagefolder", "csv", "hf")  # pet_pipeline/sources.py
 AUGMENT_PRESETS = ("none", "standard", "strong")
 SCHEDULERS = ("cosine", "plateau", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -38,21 +39,55 @@ def _field(default, help: str, **kwargs):
 @dataclass
 class Config:
     # ---- data ----
+    data_format: str = _field(
+        "auto", "Where the images come from: pets (Oxford-IIIT Pet), imagefolder (data_dir/CLASS/*.jpg, "
+        "optionally under train/ val/ test/), csv (a CSV of image paths and labels), hf (a Hub "
+        "dataset or a save_to_disk folder); auto picks by what data_dir / dataset holds.",
+    )
     dataset: str = _field(
         "timm/oxford-iiit-pet",
-        "Hugging Face Hub dataset id, or 'synthetic' for generated data (no download).",
+        "Hugging Face Hub dataset id (any, with an image and a label column), a save_to_disk "
+        "folder, or 'synthetic' for generated Pets (no download).",
     )
     data_dir: str | None = _field(
         None,
-        "Local copy in the official layout (images/, annotations/), or its parent holding "
-        "oxford-iiit-pet/ as torchvision downloads it; wins over `dataset`.",
+        "Local data, wins over `dataset`: an Oxford-IIIT Pet copy (images/, annotations/, or "
+        "its parent holding oxford-iiit-pet/), a folder of class folders, a .csv file or a "
+        "save_to_disk folder.",
     )
-    species: str = _field("cat", "Which pets to keep: cat (12 breeds), dog (25) or all (37).")
+    dataset_revision: str | None = _field(
+        None, "Hub dataset revision (branch, tag or commit) to load, for a reproducible run."
+    )
+    image_column: str | None = _field(
+        None, "csv / hf: the column of images (paths relative to the CSV); default: image, path, "
+        "file, filename... or the dataset's Image column."
+    )
+    label_column: str | None = _field(
+        None, "csv / hf: the column of labels; default: label, class, category... or the "
+        "dataset's ClassLabel column."
+    )
+    split_column: str = _field("split", "csv: the column saying train, val or test (optional).")
+    species: str = _field("cat", "Pets only: which pets to keep: cat (12 breeds), dog (25) or all (37).")
     breeds: list[str] | None = _field(
-        None, "Explicit breed names to keep (official names, any case); comma-separated on the CLI."
+        None, "Pets only: explicit breed names to keep (official names, any case); "
+        "comma-separated on the CLI."
+    )
+    classes: list[str] | None = _field(
+        None, "Keep only these classes, of any source (names as the data spells them); "
+        "comma-separated on the CLI."
     )
     val_fraction: float = _field(
-        0.1, "Share of trainval held out, stratified by class, for model selection (0 = none)."
+        0.1, "Share of the training images held out, stratified by class, for model selection "
+        "(0 = none), unless the data has its own validation split."
+    )
+    test_fraction: float = _field(
+        0.2, "Share of the images held out, stratified, as the test split when the data has none."
+    )
+    max_train_samples: int | None = _field(
+        None, "Debugging: train on at most this many images (stratified, seeded)."
+    )
+    max_eval_samples: int | None = _field(
+        None, "Debugging: validate and test on at most this many images each (stratified, seeded)."
     )
     strict_data: bool = _field(
         False, "Treat any unreadable image or malformed annotation line as an error."
@@ -224,6 +259,7 @@ def validate(c: Config) -> None:
     _choice("class_weights", c.class_weights, CLASS_WEIGHTS)
     if not 0.0 <= c.val_fraction < 1.0:
         raise UserError(f"val_fraction: {c.val_fraction!r} must be in [0, 1), e.g. 0.1.")
+    _check_data_keys(c)
     for key in ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints", "log_every",
                 "collective_timeout_s",
                 "synthetic_images_per_class"):
@@ -267,6 +303,18 @@ def validate(c: Config) -> None:
     if c.resume not in ("auto", "none", "overwrite") and not Path(c.resume).is_dir():
         raise UserError(f"resume: {c.resume} is not a checkpoint folder; use auto, none, overwrite "
                         "or a checkpoint path.")
+
+
+def _check_data_keys(c) -> None:
+    """The keys of the data source, for train.py and evaluate.py alike."""
+    if c.data_format is not None:
+        _choice("data_format", c.data_format, DATA_FORMATS)
+    if c.test_fraction is not None and not 0.0 < c.test_fraction < 1.0:
+        raise UserError(f"test_fraction: {c.test_fraction!r} must be in (0, 1), e.g. 0.2.")
+    for key in ("max_train_samples", "max_eval_samples"):
+        _at_least(key, getattr(c, key), 1, optional=True)
+    if getattr(c, "classes", None) == []:  # evaluate.py: the model's classes, always
+        raise UserError("classes: the list is empty; name at least two classes or leave it out.")
 
 
 def _check_hub_keys(c) -> None:
@@ -490,9 +538,12 @@ def save_config(config, path: str | Path) -> None:
 # ----------------------------------------------------------------------------- evaluate.py
 
 SPLITS = ("test", "val", "train")
+TTA = ("none", "flip")  # test-time augmentation of evaluate.py and predict.py
 # Data keys evaluate.py takes from the training run's config.yaml unless given.
-RUN_DATA_KEYS = ("dataset", "data_dir", "val_fraction", "seed", "strict_data",
-                 "synthetic_images_per_class", "synthetic_image_size")
+RUN_DATA_KEYS = ("data_format", "dataset", "data_dir", "dataset_revision", "image_column",
+                 "label_column", "split_column", "val_fraction", "test_fraction", "seed", "strict_data",
+                 "max_train_samples", "max_eval_samples", "synthetic_images_per_class",
+                 "synthetic_image_size")
 
 
 def check_model_dir(model_dir: str | Path) -> None:
@@ -513,8 +564,16 @@ class EvalConfig:
         None, "A run's model/ folder, or one of its checkpoints/step_N folders."
     )
     split: str = _field("test", "Which split to evaluate: test, val or train.")
+    data_format: str | None = _field(None, "As in train.py (default: the training run's).")
     dataset: str | None = _field(None, "As in train.py (default: the training run's).")
     data_dir: str | None = _field(None, "As in train.py (default: the training run's).")
+    dataset_revision: str | None = _field(None, "As in train.py (default: the training run's).")
+    image_column: str | None = _field(None, "As in train.py (default: the training run's).")
+    label_column: str | None = _field(None, "As in train.py (default: the training run's).")
+    split_column: str | None = _field(None, "As in train.py (default: the training run's).")
+    test_fraction: float | None = _field(None, "As in train.py (default: the training run's).")
+    max_train_samples: int | None = _field(None, "As in train.py (default: the training run's).")
+    max_eval_samples: int | None = _field(None, "As in train.py (default: the training run's).")
     species: str | None = _field(
         None, "As in train.py; default: exactly the model's classes. Must match the model."
     )
@@ -528,6 +587,10 @@ class EvalConfig:
     num_workers: int | None = _field(None, "DataLoader workers per process.")
     mixed_precision: str | None = _field(None, "no, fp16 or bf16 (default: the launcher's).")
     gradcam_images: int = _field(8, "Misclassified images shown with Grad-CAM maps (0 = none).")
+    tta: str = _field(
+        "none", "Test-time augmentation: none, or flip (the mean of the softmax of each image and of "
+        "its mirror image; twice the compute)."
+    )
     output_dir: str | None = _field(
         None, "Where the report goes (default: RUN/eval_SPLIT for model/, RUN/eval_SPLIT_step_N "
         "for a checkpoint)."
@@ -548,7 +611,111 @@ class EvalConfig:
             _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("gradcam_images", self.gradcam_images, 0)
+        _choice("tta", self.tta, TTA)
         _at_least("num_workers", self.num_workers, 0, optional=True)
         if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"val_fraction: {self.val_fraction!r} must be in [0, 1), e.g. 0.1.")
+        _check_data_keys(self)
         _check_hub_keys(self)
+
+
+# ----------------------------------------------------------------------------- predict.py
+
+PREDICT_OUTPUTS = (".csv", ".json", ".jsonl")
+_BOOLEAN_WORDS = ("true", "false", "1", "0", "yes", "no")
+
+
+@dataclass
+class PredictConfig:
+    model_dir: str | None = _field(
+        None, "A run's model/ folder or one of its checkpoints/step_N folders, local-dir:PATH (a "
+        "folder in timm's format) or hf-hub:org/name (downloaded once, then from the cache)."
+    )
+    inputs: list[str] | None = _field(
+        None, "The images: files, folders (searched recursively) or globs; usually given as PATH "
+        "arguments."
+    )
+    output: str = _field(
+        "predictions.csv", "Where the rows go: .csv, .json (a list of objects) or .jsonl (one object a line)."
+    )
+    top_k: int = _field(5, "Classes per image, most probable first (at most the model's class count).")
+    batch_size: int = _field(64, "Images per device; lower it on out-of-memory.")
+    num_workers: int | None = _field(
+        None, "DataLoader workers per process (default: CPU cores per process minus one, at most 16)."
+    )
+    mixed_precision: str | None = _field(None, "no, fp16 or bf16 (default: the launcher's).")
+    tta: str = _field(
+        "none", "Test-time augmentation: none, or flip (the mean of the softmax of each image and of "
+        "its mirror image; twice the compute)."
+    )
+    gradcam: str | None = _field(
+        None, "A folder for one Grad-CAM overlay per readable image, of its top class, named "
+        "ROW_NAME.png after its row."
+    )
+
+    def __post_init__(self) -> None:
+        if self.model_dir is None:
+            raise UserError("model_dir: required; give a run's model/ folder (e.g. --model_dir "
+                            "runs/x/model), local-dir:PATH or hf-hub:org/name.")
+        if not self.inputs:
+            raise UserError("inputs: no images given; name image files, folders or globs after the "
+                            "options, e.g. python predict.py --model_dir runs/x/model photos/.")
+        _at_least("top_k", self.top_k, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("num_workers", self.num_workers, 0, optional=True)
+        if self.mixed_precision is not None:
+            _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _choice("tta", self.tta, TTA)
+        suffix = Path(self.output).suffix.lower()
+        if suffix not in PREDICT_OUTPUTS:
+            raise UserError(f"output: {self.output} ends in {suffix or 'no extension'}; give a file "
+                            "ending in .csv, .json or .jsonl.")
+
+
+def _takes_value(option: str, rest: list[str], hints: dict) -> bool:
+    """Whether `--key` (without =) takes the next argument as its value, as parse_cli reads it;
+    a boolean key only takes a true/false word, so `--flag photo.jpg` leaves the photo a PATH."""
+    key = option[2:].replace("-", "_")
+    if not rest or key not in hints:
+        return False  # parse_cli names an unknown key or a missing value itself
+    if _base_type(hints[key])[0] is bool:
+        return rest[0].lower() in _BOOLEAN_WORDS
+    return not rest[0].startswith("--") or _is_number(rest[0])
+
+
+def split_paths(argv: list[str], cls) -> tuple[list[str], list[str]]:
+    """(the options, the PATH arguments) of `--model_dir m a.jpg photos/ --top_k 3`: an option's
+    value follows it (or is given as --key=value); after `--` everything is a PATH."""
+    hints = typing.get_type_hints(cls)
+    options, paths = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            paths += argv[i + 1:]
+            break
+        if arg in ("-c", "--config") or (arg.startswith("--") and "=" not in arg
+                                         and _takes_value(arg, argv[i + 1:], hints)):
+            options += argv[i:i + 2]
+            i += 2
+            continue
+        (options if arg.startswith("-") else paths).append(arg)
+        i += 1
+    return options, paths
+
+
+def load_predict_config(argv: list[str]) -> PredictConfig:
+    """predict.py's config: defaults < --config FILE < --key value, the PATH arguments as `inputs`."""
+    if "-h" in argv or "--help" in argv:
+        print("usage: python predict.py --model_dir MODEL PATH... [--output predictions.csv] [--key value]\n"
+              "PATH: an image file, a folder (searched recursively) or a glob.\n"
+              + help_text(PredictConfig))
+        raise SystemExit(0)
+    options, paths = split_paths(argv, PredictConfig)
+    config_file, overrides = parse_cli(options, PredictConfig)
+    values = read_yaml(config_file) if config_file else {}
+    if paths:
+        if "inputs" in overrides:
+            raise UserError("inputs: give the images either as PATH arguments or with --inputs, not both.")
+        overrides["inputs"] = paths  # the command line wins over a file's inputs, as for any key
+    return build_config(values, overrides, cls=PredictConfig)

@@ -36,6 +36,7 @@ from sklearn.model_selection import train_test_split
 from pet_pipeline.breeds import BREEDS, SPECIES_NAMES, kept_breeds, official_name
 from pet_pipeline.errors import UserError
 from pet_pipeline.images import check_image_file, open_rgb
+from pet_pipeline.sources import PETS_HUB_ID, Loaded, detect_format, load_csv, load_hf, load_imagefolder
 
 ANNOTATION_FILES = {"trainval": "trainval.txt", "test": "test.txt"}
 QUICKSTART_HINT = "or try the offline quickstart: python train.py --config configs/quickstart.yaml"
@@ -51,6 +52,7 @@ class PetData:
     duplicates: int = 0  # annotation lines repeating an image of the same file, kept once
     leaks: int = 0  # trainval images also in test.txt, dropped from training
     notes: list[str] = field(default_factory=list)  # how the request was adapted, to print
+    source: str = ""  # which source was read, from where: the start line says it
 
 
 def pet_features(class_names: list[str]) -> Features:
@@ -286,7 +288,7 @@ def load_hub(dataset_id: str, class_names: list[str]) -> dict:
 
 
 def stratified_split(ds: datasets.Dataset, val_fraction: float, seed: int,
-                     notes: list[str] | None = None):
+                     notes: list[str] | None = None, *, pets: bool = True):
     """(train, val) of `ds`, stratified by label and reproducible for a seed.
 
     Every class gets at least one validation image and keeps at least one training image.
@@ -297,47 +299,57 @@ def stratified_split(ds: datasets.Dataset, val_fraction: float, seed: int,
     if val_fraction == 0:
         return ds, None
     notes = [] if notes is None else notes
+    a_class, pool = ("breed", "trainval") if pets else ("class", "training")
     labels = ds["label"][:]  # a list; iterating a datasets Column formats row by row
     counts = Counter(labels)
     names = ds.features["label"].names
     too_few = [k for k in range(len(names)) if counts.get(k, 0) < 2]
     if too_few:
         notes.append(_no_validation_note(
-            f"breed {names[too_few[0]]} has {counts.get(too_few[0], 0)} trainval image(s), too few "
-            "for a validation split", len(ds)))
+            f"{a_class} {names[too_few[0]]} has {counts.get(too_few[0], 0)} {pool} image(s), too few "
+            "for a validation split", len(ds), pool))
         return ds, None
     wanted = round(len(ds) * val_fraction)
-    rows = np.arange(len(ds))
-    most = len(ds) - len(names)  # every class keeps a training image
-    for n_val in range(min(max(wanted, len(names)), most), most + 1):
+    held = _stratified_rows(labels, wanted, seed, len(names))
+    if held is None:
+        notes.append(_no_validation_note(f"no stratified split of {len(ds)} images gives each of "
+                                         f"the {len(names)} classes both a training and a "
+                                         "validation image", len(ds), pool))
+        return ds, None
+    train_rows, val_rows = held
+    if len(val_rows) > wanted:
+        notes.append(
+            f"val_fraction: {val_fraction} ({wanted} of {len(ds)} images) can't give "
+            f"each of the {len(names)} classes a validation image; using the smallest "
+            f"stratified fraction that does, {len(val_rows) / len(ds):.3g} ({len(val_rows)} images)."
+        )
+    elif len(val_rows) < wanted:
+        notes.append(
+            f"val_fraction: {val_fraction} leaves too few training images for each of "
+            f"the {len(names)} classes; using {len(val_rows) / len(ds):.3g} ({len(val_rows)} of "
+            f"{len(ds)} images) instead."
+        )
+    return ds.select(train_rows), ds.select(val_rows)
+
+
+def _stratified_rows(labels: list[int], wanted: int, seed: int, n_classes: int):
+    """(kept rows, held-out rows), sorted, of about `wanted` held-out images with every class
+    on both sides, the size nearest `wanted` that allows it; None when no size does."""
+    rows = np.arange(len(labels))
+    most = len(labels) - n_classes  # every class keeps an image
+    for n_held in range(min(max(wanted, n_classes), most), most + 1):
         # scikit-learn on the label list (~15 ms for the 3,680 trainval images), then two
         # index views; datasets' own train_test_split took ~7x as long
-        train_rows, val_rows = train_test_split(rows, test_size=n_val, stratify=labels,
-                                                random_state=seed)
-        # its allocation is proportional: a small class can get no validation image even
-        # when there are as many validation images as classes
-        if all(len({labels[i] for i in part}) == len(names) for part in (train_rows, val_rows)):
-            if n_val > wanted:
-                notes.append(
-                    f"val_fraction: {val_fraction} ({wanted} of {len(ds)} images) can't give "
-                    f"each of the {len(names)} classes a validation image; using the smallest "
-                    f"stratified fraction that does, {n_val / len(ds):.3g} ({n_val} images)."
-                )
-            elif n_val < wanted:
-                notes.append(
-                    f"val_fraction: {val_fraction} leaves too few training images for each of "
-                    f"the {len(names)} classes; using {n_val / len(ds):.3g} ({n_val} of "
-                    f"{len(ds)} images) instead."
-                )
-            return ds.select(np.sort(train_rows)), ds.select(np.sort(val_rows))
-    notes.append(_no_validation_note(f"no stratified split of {len(ds)} images gives each of "
-                                     f"the {len(names)} classes both a training and a "
-                                     "validation image", len(ds)))
-    return ds, None
+        kept, held = train_test_split(rows, test_size=n_held, stratify=labels, random_state=seed)
+        # its allocation is proportional: a small class can get no held-out image even
+        # when there are as many held-out images as classes
+        if all(len({labels[i] for i in part}) == n_classes for part in (kept, held)):
+            return np.sort(kept), np.sort(held)
+    return None
 
 
-def _no_validation_note(reason: str, n_images: int) -> str:
-    return (f"val_fraction: {reason}; training on all {n_images} trainval images without "
+def _no_validation_note(reason: str, n_images: int, pool: str = "trainval") -> str:
+    return (f"val_fraction: {reason}; training on all {n_images} {pool} images without "
             "one, so the last weights are the model.")
 
 
@@ -350,45 +362,207 @@ def split_fingerprint(pets: PetData) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_pets(
+def load_data(
     *,
-    dataset: str = "timm/oxford-iiit-pet",
+    data_format: str = "auto",
+    dataset: str = PETS_HUB_ID,
     data_dir: str | None = None,
     species: str = "cat",
     breeds: list[str] | None = None,
+    classes: list[str] | None = None,
     val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
     seed: int = 42,
     strict_data: bool = False,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    split_column: str = "split",
+    dataset_revision: str | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
     synthetic_images_per_class: int = 24,
     synthetic_image_size: int = 96,
 ) -> PetData:
-    class_names = kept_breeds(species, breeds)
-    counts = {}
+    """Any source as checked train / val / test Datasets of one schema (the keys are the
+    config's; pet_pipeline/config.py says what each means).
+
+    The source's own splits are used; a missing test split is carved out of the training
+    images (`test_fraction`), then a missing validation split (`val_fraction`), both
+    stratified and seeded. `classes` keeps a subset of any source; `max_*_samples` shrink
+    the splits, stratified, for debugging.
+    """
+    kind = source_format(data_format, data_dir, dataset)
+    if kind == "pets":
+        loaded = _pets_source(dataset, data_dir, kept_breeds(species, breeds),
+                              synthetic_images_per_class, synthetic_image_size)
+    elif kind in ("imagefolder", "csv") and data_dir is None:
+        raise UserError(f"data_format: {kind} reads data_dir; set data_dir to the "
+                        f"{'folder of class folders' if kind == 'imagefolder' else 'CSV file'}.")
+    elif kind == "imagefolder":
+        loaded = load_imagefolder(data_dir)
+    elif kind == "csv":
+        loaded = load_csv(data_dir, image_column=image_column, label_column=label_column,
+                          split_column=split_column)
+    else:
+        loaded = load_hf(data_dir or dataset, image_column=image_column, label_column=label_column,
+                         revision=dataset_revision)
+    loaded.description = f"{kind}{' (auto)' if data_format == 'auto' else ''}: {loaded.description}"
+    if classes:
+        loaded = keep_classes(loaded, classes)
+    if loaded.skipped and strict_data:
+        raise UserError(
+            f"strict_data: {len(loaded.skipped)} bad input(s), first {loaded.skipped[0]}; fix or "
+            "remove them, or set strict_data: false to leave them out."
+        )
+    _check_enough_images(loaded, pets=kind == "pets")
+    return _split(loaded, pets=kind == "pets", val_fraction=val_fraction, test_fraction=test_fraction,
+                  seed=seed, max_samples=(max_train_samples, max_eval_samples))
+
+
+def source_format(data_format: str, data_dir: str | None, dataset: str) -> str:
+    return detect_format(data_dir, dataset) if data_format == "auto" else data_format
+
+
+def check_data_keys(config) -> str:
+    """The source `config` names is there and its keys fit it, found without reading an image
+    (train.py's check before heavy work); returns the source's format."""
+    kind = source_format(config.data_format, config.data_dir, config.dataset)
+    if kind == "pets":
+        kept_breeds(config.species, config.breeds)  # unknown breed names
+        if config.data_dir is not None:
+            find_pet_root(config.data_dir)  # the official layout is there
+        return kind
+    if config.breeds:
+        raise UserError(f"breeds: names Oxford-IIIT Pet breeds, but the data is {kind}; use classes "
+                        "to keep some of its classes.")
+    wanted = {"imagefolder": ("folder of class folders", Path.is_dir), "csv": ("CSV file", Path.is_file)}
+    if kind in wanted:
+        what, is_one = wanted[kind]
+        if config.data_dir is None or not is_one(Path(config.data_dir)):
+            raise UserError(f"data_dir: data_format: {kind} reads a {what}; "
+                            f"{config.data_dir or 'data_dir is unset'} is not one.")
+    return kind
+
+
+def load_pets(*, species: str = "cat", breeds: list[str] | None = None, **keys) -> PetData:
+    """Oxford-IIIT Pet (the Hub, a local copy or `dataset: synthetic`), by species or breeds."""
+    return load_data(data_format="pets", species=species, breeds=breeds, **keys)
+
+
+def _pets_source(dataset: str, data_dir: str | None, class_names: list[str],
+                 synthetic_images_per_class: int, synthetic_image_size: int) -> Loaded:
+    """The Pets as a Loaded source: trainval.txt is its train split, test.txt its test split."""
+    counts = {"duplicates": 0, "leaks": 0}
     if data_dir is not None:
         splits, skipped, counts = load_local(data_dir, class_names)
+        where = f"Oxford-IIIT Pet folder {find_pet_root(data_dir)}"
     elif dataset == "synthetic":
         from pet_pipeline.synthetic import synthetic_pets_dir
 
         folder = synthetic_pets_dir(images_per_class=synthetic_images_per_class,
                                     image_size=synthetic_image_size)
         splits, skipped, counts = load_local(folder, class_names)
+        where = f"generated stand-in Pets in {folder}"
     else:
         splits, skipped = load_hub(dataset, class_names)
-    if skipped and strict_data:
-        raise UserError(
-            f"strict_data: {len(skipped)} bad input(s), first {skipped[0]}; fix or remove "
-            "them, or set strict_data: false to leave them out."
-        )
-    for name, ds in splits.items():
+        where = f"Hub dataset {dataset}"
+    return Loaded(splits={"train": splits["trainval"], "test": splits["test"]}, class_names=class_names,
+                  description=where, skipped=skipped, counts=counts)
+
+
+def keep_classes(loaded: Loaded, classes: list[str]) -> Loaded:
+    """Only the images of `classes` (names as the source spells them), relabelled 0..K-1 in
+    the source's order."""
+    unknown = [name for name in classes if name not in loaded.class_names]
+    if unknown:
+        more = ", ..." if len(loaded.class_names) > 8 else ""
+        raise UserError(f"classes: {unknown[0]!r} is not a class of this data; its classes are "
+                        f"{', '.join(loaded.class_names[:8])}{more}.")
+    kept = [name for name in loaded.class_names if name in set(classes)]
+    to_kept = {loaded.class_names.index(name): i for i, name in enumerate(kept)}
+    splits = {}
+    for split, ds in loaded.splits.items():
+        features = ds.features.copy()
+        features["label"] = ClassLabel(names=kept)
+        ds = ds.filter(lambda labels: [x in to_kept for x in labels], input_columns="label", batched=True)
+        splits[split] = ds.map(lambda labels: {"label": [to_kept[x] for x in labels]},
+                               input_columns="label", batched=True, features=features)
+    loaded.splits, loaded.class_names = splits, kept
+    return loaded
+
+
+def _check_enough_images(loaded: Loaded, *, pets: bool) -> None:
+    """Every split has images; outside the Pets, at least 2 classes, each with training images."""
+    names = loaded.class_names
+    for name, ds in loaded.splits.items():
         if len(ds) == 0:
             raise UserError(
-                f"data: the {name} split has no images of {', '.join(class_names[:3])}"
-                f"{'...' if len(class_names) > 3 else ''}; check data_dir, species and breeds."
-            )
+                f"data: the {name} split has no images of {', '.join(names[:3])}"
+                f"{'...' if len(names) > 3 else ''}; check data_dir"
+                f"{', species and breeds' if pets else ' and classes'}.")
+    if pets:
+        return
+    if len(names) < 2:
+        raise UserError(f"data: {loaded.description} has one class ({names[0] if names else 'none'}); a "
+                        "classifier needs at least 2, e.g. one folder per class.")
+    in_train = Counter(loaded.splits["train"]["label"][:])
+    empty = [name for i, name in enumerate(names) if not in_train.get(i)]
+    if empty:
+        raise UserError(f"data: class {empty[0]} has no usable training images"
+                        f"{' (see the files left out)' if loaded.skipped else ''}; add images or "
+                        "remove the class.")
+
+
+def _split(loaded: Loaded, *, pets: bool, val_fraction: float, test_fraction: float, seed: int,
+           max_samples: tuple[int | None, int | None]) -> PetData:
+    """Train / val / test from the source's splits, the missing ones carved out, then shrunk."""
     notes = []
-    train, val = stratified_split(splits["trainval"], val_fraction, seed, notes)
-    return PetData(train=train, val=val, test=splits["test"], class_names=class_names,
-                   skipped=skipped, notes=notes, **counts)
+    train, val, test = (loaded.splits.get(name) for name in ("train", "val", "test"))
+    if test is None:
+        train, test = carve_test(train, test_fraction, seed, notes)
+    if val is None:
+        train, val = stratified_split(train, val_fraction, seed, notes, pets=pets)
+    elif not pets:
+        notes.append(f"val_fraction: the data has its own validation split ({len(val)} images); "
+                     "val_fraction is not used.")
+    max_train, max_eval = max_samples
+    train = _at_most(train, max_train, seed, "max_train_samples", notes)
+    val = _at_most(val, max_eval, seed, "max_eval_samples", notes)
+    test = _at_most(test, max_eval, seed, "max_eval_samples", notes)
+    return PetData(train=train, val=val, test=test, class_names=loaded.class_names,
+                   skipped=loaded.skipped, notes=notes, source=loaded.description, **loaded.counts)
+
+
+def carve_test(ds: datasets.Dataset, test_fraction: float, seed: int, notes: list[str]):
+    """(train, test) of a source without a test split: about `test_fraction` of each class
+    held out, stratified and seeded, every class on both sides."""
+    names = ds.features["label"].names
+    labels = ds["label"][:]
+    counts = Counter(labels)
+    too_few = [i for i in range(len(names)) if counts.get(i, 0) < 2]
+    held = None if too_few else _stratified_rows(labels, round(len(ds) * test_fraction), seed, len(names))
+    if held is None:
+        which = (f"class {names[too_few[0]]} has {counts.get(too_few[0], 0)} image(s), too few"
+                 if too_few else f"{len(ds)} images can't give each of the {len(names)} classes")
+        raise UserError(f"test_fraction: {which} to hold out a test image and keep a training one; "
+                        "add images, or give the data its own test split (a test/ folder, test rows).")
+    train_rows, test_rows = held
+    notes.append(f"test_fraction: the data has no test split; {len(test_rows)} of {len(ds)} images "
+                 f"({len(test_rows) / len(ds):.3g}, stratified, seed {seed}) held out as the test split.")
+    return ds.select(train_rows), ds.select(test_rows)
+
+
+def _at_most(ds: datasets.Dataset | None, n: int | None, seed: int, key: str, notes: list[str]):
+    """`ds` cut to `n` images, stratified where every class can keep one, else at random."""
+    if ds is None or n is None or n >= len(ds):
+        return ds
+    labels = ds["label"][:]
+    try:
+        rows, _ = train_test_split(np.arange(len(ds)), train_size=n, stratify=labels, random_state=seed)
+    except ValueError:  # fewer images than classes, or a class of one image
+        rows = np.random.default_rng(seed).permutation(len(ds))[:n]
+    notes.append(f"{key}: using {n} of {len(ds)} images.")
+    return ds.select(np.sort(rows))
 
 
 # ----------------------------------------------------------------------------- pre-resized cache

@@ -37,22 +37,38 @@ class Predictions:
         return self.probabilities.argmax(axis=1)
 
 
+def class_probabilities(model, pixel_values: torch.Tensor, accelerator, *, tta: str = "none") -> torch.Tensor:
+    """Softmax over the classes, float32 (N, K), under the accelerator's mixed precision.
+
+    tta "flip": the mean of the softmax of each image and of its horizontal mirror (a mirrored
+    photo shows the same pet). Two forward passes of the batch rather than one of twice its
+    size, so that the memory a batch needs stays what `batch_size` says.
+    """
+    with accelerator.autocast():
+        logits = model(pixel_values)
+    probabilities = logits.float().softmax(dim=1)
+    if tta == "flip":
+        with accelerator.autocast():
+            mirrored = model(pixel_values.flip(-1))
+        probabilities = (probabilities + mirrored.float().softmax(dim=1)) / 2
+    return probabilities
+
+
 @torch.no_grad()
-def predict(model, loader, accelerator, *, should_stop=None) -> Predictions | None:
+def predict(model, loader, accelerator, *, should_stop=None, tta: str = "none") -> Predictions | None:
     """Predictions for every sample of `loader`, identical on every rank.
 
     `should_stop(batch_number)` is asked after every batch (all ranks together, numbers from
     1); when it says yes the evaluation is abandoned and None is returned, so a preemption
-    signal is not missed.
+    signal is not missed. `tta`: see class_probabilities.
     """
     was_training = model.training
     model.eval()
     probabilities, labels, indices = [], [], []
     for number, batch in enumerate(loader, start=1):
-        with accelerator.autocast():
-            logits = model(batch["pixel_values"])
         gathered = accelerator.gather_for_metrics(
-            (logits.float().softmax(dim=1), batch["label"], batch["index"])
+            (class_probabilities(model, batch["pixel_values"], accelerator, tta=tta),
+             batch["label"], batch["index"])
         )
         for store, value in zip((probabilities, labels, indices), gathered):
             store.append(value.cpu())
@@ -215,7 +231,8 @@ def _model_inputs(dataset, rows, data_config):
 
 def evaluate_and_report(model, loader, accelerator, *, data_config: dict, out_dir: str | Path,
                         dataset=None, class_names: list[str] | None = None, gradcam_images: int = 8,
-                        sample_images: int = 10, step: int | None = None, should_stop=None):
+                        sample_images: int = 10, step: int | None = None, should_stop=None,
+                        tta: str = "none"):
     """Predict on every rank, then (main process) write the report and send it to the trackers.
 
     Files in `out_dir`: metrics.json, confusion_matrix.csv/.png, predictions.csv,
@@ -223,13 +240,14 @@ def evaluate_and_report(model, loader, accelerator, *, data_config: dict, out_di
     `dataset` is the datasets.Dataset that `loader` reads (by default the one behind its
     PetTorchDataset); `class_names` default to its label names.
     Returns the metrics on the main process, None elsewhere, and STOPPED on every rank when
-    `should_stop()` said yes during prediction (a preemption signal).
+    `should_stop()` said yes during prediction (a preemption signal). `tta`: "none", or "flip"
+    (the mean of each image's and its mirror's softmax, see class_probabilities).
     """
     from pet_pipeline.plots import plot_confusion_matrix
 
     dataset = loader.dataset.source if dataset is None else dataset
     class_names = dataset.features["label"].names if class_names is None else class_names
-    predictions = predict(model, loader, accelerator, should_stop=should_stop)
+    predictions = predict(model, loader, accelerator, should_stop=should_stop, tta=tta)
     if predictions is None:
         return STOPPED
     if not accelerator.is_main_process:

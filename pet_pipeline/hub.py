@@ -90,27 +90,39 @@ def _metric_rows(metrics: dict) -> list[tuple[str, float]]:
 class _Source:
     """Where a run's images came from, in the card's words."""
 
+    kind: str  # pets, imagefolder, csv or hf (pet_pipeline/sources.py)
     synthetic: bool  # generated images (`dataset: synthetic` without a data_dir)
     local: bool  # a data_dir
-    hub_dataset: str | None  # the Hub dataset's id; None for a local folder or generated images
+    hub_dataset: str | None  # the Hub dataset's id; None for local or generated images
     species: str
-    classes: str  # how many of which breeds: "12 cat breeds"
+    classes: str  # how many of what: "12 cat breeds", "5 classes"
+    location: str  # the data_dir or dataset key
 
     @classmethod
     def of(cls, run_config: dict, n_classes: int) -> _Source:
-        synthetic = run_config.get("dataset") == "synthetic" and not run_config.get("data_dir")
-        local = bool(run_config.get("data_dir"))
+        data_dir, dataset = run_config.get("data_dir"), run_config.get("dataset", "")
+        kind = _source_kind(run_config.get("data_format", "auto"), data_dir, dataset)
+        synthetic = kind == "pets" and dataset == "synthetic" and not data_dir
+        local = bool(data_dir) or Path(dataset).is_dir()
         species = run_config.get("species", "cat")
         kept = {"cat": "cat breeds", "dog": "dog breeds", "all": "breeds"}.get(species, "breeds")
-        return cls(synthetic=synthetic, local=local,
-                   hub_dataset=None if synthetic or local else run_config.get("dataset"),
-                   species=species, classes=f"{n_classes} {kept}")
+        return cls(kind=kind, synthetic=synthetic, local=local,
+                   hub_dataset=None if synthetic or local else dataset, species=species,
+                   classes=f"{n_classes} {kept if kind == 'pets' else 'classes'}",
+                   location=str(data_dir or dataset))
+
+    @property
+    def pets(self) -> bool:
+        return self.kind == "pets"
 
     @property
     def eval_dataset(self) -> tuple[str, str]:
         """(name, type) of the evaluated dataset in the card's model-index."""
         if self.synthetic:
             return f"generated pet images ({self.classes})", "synthetic"
+        if not self.pets:
+            name = Path(self.location).name or self.location
+            return f"{name} ({self.classes})", self.hub_dataset or self.kind
         return f"{DATASET_NAME} ({self.classes})", self.hub_dataset or "oxford-iiit-pet"
 
     @property
@@ -118,7 +130,7 @@ class _Source:
         """What the model learnt from."""
         if self.synthetic:
             return "generated images"
-        return f"photos of {DATASET_NAME}, mostly one well-lit pet each"
+        return f"photos of {DATASET_NAME}, mostly one well-lit pet each" if self.pets else "images"
 
     @property
     def description(self) -> str:
@@ -126,9 +138,25 @@ class _Source:
         if self.synthetic:
             return ("generated images (`dataset: synthetic`), a check of the pipeline: the numbers "
                     "below say nothing about real pets")
+        if not self.pets:
+            what = {"imagefolder": "a folder of class folders", "csv": "a CSV of images and labels",
+                    "hf": "a saved `datasets` folder" if self.local else "a Hub dataset"}[self.kind]
+            return f"{what} (`{self.location}`)"
         if self.local:
             return f"a local copy of {DATASET_NAME}"
         return f"{DATASET_NAME} from the Hub (`{self.hub_dataset}`)"
+
+
+def _source_kind(data_format: str, data_dir: str | None, dataset: str) -> str:
+    """The run's data_format, `auto` resolved while its data is still there (else: the Pets)."""
+    if data_format != "auto":
+        return data_format
+    from pet_pipeline.sources import detect_format
+
+    try:
+        return detect_format(data_dir, dataset)
+    except UserError:  # the data has moved since: the card still says what it can
+        return "pets"
 
 
 def build_model_card(*, data_config: dict, metrics: dict, run_config: dict, split_sizes: dict,
@@ -156,12 +184,14 @@ def build_model_card(*, data_config: dict, metrics: dict, run_config: dict, spli
         f"# {model_name}",
         "",
         f"A timm `{architecture}` {_how_trained(run_config)} with pet-pipeline to tell {source.classes} "
-        f"of {DATASET_NAME} apart from a photo, at {data_config['input_size'][-1]} px.",
+        f"{f'of {DATASET_NAME} ' if source.pets else ''}apart from "
+        f"{'a photo' if source.pets else 'an image'}, at {data_config['input_size'][-1]} px.",
         "",
         *_how_to_use(repo_id),
         *_intended_use(len(class_names), source, split_sizes),
         *_data_section(source, run_config, split_sizes),
-        *_results_section(metrics, evaluated_split, has_confusion_matrix),
+        *_results_section(metrics, evaluated_split, has_confusion_matrix,
+                          a_class="breed" if source.pets else "class"),
         *_config_section(run_config),
     ]
     return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines))
@@ -218,6 +248,17 @@ def _how_to_use(repo_id: str | None) -> list[str]:
 
 
 def _intended_use(n_classes: int, source: _Source, split_sizes: dict) -> list[str]:
+    if not source.pets:
+        return [
+            "## Intended use and limits",
+            "",
+            f"- Made to sort an image into one of the {n_classes} classes below.",
+            "- It always answers one of those classes: it has no \"none of these\" class, so an "
+            "image of something else still gets one, often with high confidence.",
+            f"- It learnt from {split_sizes.get('train', 'a few')} images; expect lower accuracy on "
+            "images unlike them. With few test images per class, the per-class numbers are rough.",
+            "",
+        ]
     return [
         "## Intended use and limits",
         "",
@@ -235,17 +276,24 @@ def _intended_use(n_classes: int, source: _Source, split_sizes: dict) -> list[st
 
 
 def _data_section(source: _Source, run_config: dict, split_sizes: dict) -> list[str]:
-    breeds = run_config.get("breeds")
-    data_filter = (f"`breeds`: {', '.join(breeds)}" if breeds
-                   else f"`species: {source.species}` ({source.classes})")
-    validation = (f"`val_fraction` {run_config.get('val_fraction')} of trainval, stratified by breed "
+    breeds, classes = run_config.get("breeds"), run_config.get("classes")
+    if source.pets:
+        data_filter = (f"`breeds`: {', '.join(breeds)}" if breeds
+                       else f"`species: {source.species}` ({source.classes})")
+    else:
+        data_filter = f"`classes`: {', '.join(classes)}" if classes else f"none ({source.classes})"
+    pool, per = ("trainval", "breed") if source.pets else ("the training images", "class")
+    validation = (f"`val_fraction` {run_config.get('val_fraction')} of {pool}, stratified by {per} "
                   f"(seed {run_config.get('seed')}), for model selection" if split_sizes.get("val")
                   else "none (the last weights are the model)")
+    test = ("the dataset's own test split" if source.pets else
+            f"the data's own test split, or `test_fraction` {run_config.get('test_fraction', 0.2)} "
+            "held out, stratified, when it has none")
     return [
         "## Data",
         "",
-        f"Source: {source.description}. Filter: {data_filter}. Validation: {validation}. Test: the "
-        "dataset's own test split.",
+        f"Source: {source.description}. Filter: {data_filter}. Validation: {validation}. Test: "
+        f"{test}.",
         "",
         "| split | images |",
         "|---|---|",
@@ -254,7 +302,8 @@ def _data_section(source: _Source, run_config: dict, split_sizes: dict) -> list[
     ]
 
 
-def _results_section(metrics: dict, evaluated_split: str, has_confusion_matrix: bool) -> list[str]:
+def _results_section(metrics: dict, evaluated_split: str, has_confusion_matrix: bool,
+                     a_class: str = "breed") -> list[str]:
     lines = [
         f"## Results on the {evaluated_split} split ({metrics.get('n')} images)",
         "",
@@ -262,7 +311,7 @@ def _results_section(metrics: dict, evaluated_split: str, has_confusion_matrix: 
         "|---|---|",
         *[f"| {label} | {value:.4f} |" for label, value in _metric_rows(metrics)],
         "",
-        "| breed | precision | recall | F1 | images |",
+        f"| {a_class} | precision | recall | F1 | images |",
         "|---|---|---|---|---|",
         *[f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |"
           for name, row in metrics.get("per_class", {}).items()],

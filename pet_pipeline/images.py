@@ -24,6 +24,9 @@ from PIL import Image, UnidentifiedImageError
 # with a stray byte after the end-of-image marker, which decoders accept).
 _TAIL_BYTES = 64
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND", "GIF": b";"}
+# The file names a folder of images is searched for (sources.py, predict.py); any file named
+# directly is opened whatever its name.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm"})
 # Used when PIL's own limit is switched off (Image.MAX_IMAGE_PIXELS = None): its default.
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -57,6 +60,12 @@ def check_image_file(path: str | Path) -> str | None:
         return f"unreadable ({e.strerror})"
     except ValueError as e:  # a NUL byte in the path
         return f"unusable path ({e})"
+
+
+def check_image_bytes(data: bytes) -> str | None:
+    """Why an image held in memory (a `datasets` image cell) can't be used, or None: the
+    checks of `check_image_file`."""
+    return _check_open_image(io.BytesIO(data), len(data))
 
 
 def _check_open_image(f, size: int) -> str | None:

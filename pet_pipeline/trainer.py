@@ -90,10 +90,10 @@ class Learner:
 
 class Trainer:
     def __init__(self, config: Config, argv: list[str], *, run_dir: RunDirectory, stop: StopFlag,
-                 checked: tuple[dict, list[str]]):
+                 checked: dict):
         from pet_pipeline.builders import build_accelerator, build_data, build_learner, check_launch
 
-        data_config, class_names = checked  # from train.check_before_heavy_work
+        data_config = checked  # the model's input size, mean/std...: train.check_before_heavy_work
         self.config, self.clock = config, PhaseClock()  # where the wall time goes
         self.run_dir = run_dir  # locked by the job's global main process (train.train)
         self.stop = stop  # SIGTERM / SIGUSR1 / Ctrl-C -> checkpoint and exit at the next step
@@ -111,7 +111,7 @@ class Trainer:
                                              validates=self.data.val is not None)
         self.checkpointer = Checkpointer(accelerator, self.run_dir.path, ema=self.learner.ema,
                                          keep=config.keep_checkpoints)
-        self.state = self._start_state(TrainState(model=config.model, class_names=class_names,
+        self.state = self._start_state(TrainState(model=config.model, class_names=self.data.class_names,
                                                   data_config=data_config, split=split))
         self.running_loss = RunningLoss(accelerator.device)  # summed on the device between logs
         self.progress = None
