@@ -15,8 +15,9 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import PET_SAMPLE, TINY, evaluate_in_process, ok, refused, small_image
+from conftest import PET_SAMPLE, TINY, evaluate_in_process, ok, refused, run_in_process, small_image
 
+import predict
 from pet_pipeline.breeds import CAT_BREEDS
 from pet_pipeline.data import load_data
 from pet_pipeline.errors import UserError
@@ -130,6 +131,16 @@ def test_each_layout_trains_through_train_py_and_evaluates(layouts, layout, tmp_
     # evaluate.py takes the run's data keys (data_dir, its format) and the model's classes
     again = ok(evaluate_in_process({"model_dir": out / "model", "output_dir": tmp_path / "again"}))
     assert f"test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images" in again.stdout
+    if layout != "saved":  # predict.py on the same test photos names the same class, file by file
+        with open(out / "eval" / "predictions.csv") as f:
+            evaluated = {row["image_id"]: row["predicted"] for row in csv.DictReader(f)}
+        folder = layouts[layout].parent if layout == "csv" else layouts[layout]
+        files = [folder / image_id for image_id in sorted(evaluated)]
+        ok(run_in_process(predict.main, ["--model_dir", out / "model", "--output", tmp_path / "p.csv",
+                                         *files]))
+        with open(tmp_path / "p.csv") as f:
+            predicted = [row["label"] for row in csv.DictReader(f)]
+        assert predicted == [evaluated[image_id] for image_id in sorted(evaluated)]
 
 
 # ----------------------------------------------------------------------------- generated trees
