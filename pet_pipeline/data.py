@@ -36,7 +36,15 @@ from sklearn.model_selection import train_test_split
 from pet_pipeline.breeds import BREEDS, SPECIES_NAMES, kept_breeds, official_name
 from pet_pipeline.errors import UserError
 from pet_pipeline.images import check_image_file, open_rgb
-from pet_pipeline.sources import PETS_HUB_ID, Loaded, detect_format, load_csv, load_hf, load_imagefolder
+from pet_pipeline.sources import (
+    PETS_HUB_ID,
+    Loaded,
+    detect_format,
+    image_problems,
+    load_csv,
+    load_hf,
+    load_imagefolder,
+)
 
 ANNOTATION_FILES = {"trainval": "trainval.txt", "test": "test.txt"}
 QUICKSTART_HINT = "or try the offline quickstart: python train.py --config configs/quickstart.yaml"
@@ -273,15 +281,19 @@ def load_hub(dataset_id: str, class_names: list[str]) -> dict:
             "species": [SPECIES_NAMES.index(_species(official[x])) for x in labels],
         }
 
-    splits = {}
+    splits, skipped = {}, []
     for ours, theirs in (("trainval", "train"), ("test", "test")):
         ds = hub[theirs].filter(
             lambda labels: [x in to_kept for x in labels], input_columns="label", batched=True
         )
         ds = ds.map(relabel, input_columns="label", batched=True,
                     remove_columns=[c for c in ds.column_names if c not in features])
-        splits[ours] = ds.cast(features)
-    return splits, []
+        ds = ds.cast(features)
+        bad = image_problems(ds)  # the Hub's images pass the checks a local file does
+        ids = ds["image_id"][:] if bad else []
+        skipped += [f"{ids[row]}: {reason}; left out" for row, (reason, _) in bad.items()]
+        splits[ours] = ds.select([row for row in range(len(ds)) if row not in bad]) if bad else ds
+    return splits, skipped
 
 
 # ----------------------------------------------------------------------------- one entry point

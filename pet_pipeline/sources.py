@@ -339,16 +339,10 @@ def _hf_split(ds: datasets.Dataset, split: str, image_column: str, label_column:
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     index = {name: i for i, name in enumerate(class_names)}
     is_class_label = isinstance(ds.features[label_column], ClassLabel)
-    keep, rows = [], ds.select_columns([image_column])
-    for start in range(0, len(rows), 256):
-        for offset, record in enumerate(rows[start:start + 256][image_column]):
-            row = start + offset
-            reason = _record_problem(record)
-            if reason:
-                name = record.get("path") if isinstance(record, dict) else record
-                skipped.append(f"{split}[{row}]{f' ({name})' if name else ''}: {reason}; left out")
-            else:
-                keep.append(row)
+    problems = image_problems(ds, image_column)
+    skipped += [f"{split}[{row}]{f' ({name})' if name else ''}: {reason}; left out"
+                for row, (reason, name) in problems.items()]
+    keep = [row for row in range(len(ds)) if row not in problems]
 
     def to_schema(batch, indices):
         records = batch[image_column]
@@ -361,6 +355,21 @@ def _hf_split(ds: datasets.Dataset, split: str, image_column: str, label_column:
     selected = ds.select(keep)
     return selected.map(to_schema, batched=True, with_indices=True, remove_columns=selected.column_names,
                         features=features).cast_column("image", datasets.Image())
+
+
+def image_problems(ds: datasets.Dataset, image_column: str = "image") -> dict[int, tuple[str, str | None]]:
+    """{row: (why its image can't be used, its path if it has one)} of a Dataset's image
+    column, checked as files are (header and end marker, no decoding), 256 rows at a time."""
+    if isinstance(ds.features[image_column], datasets.Image) and ds.features[image_column].decode:
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    rows, problems = ds.select_columns([image_column]), {}
+    for start in range(0, len(rows), 256):
+        for offset, record in enumerate(rows[start:start + 256][image_column]):
+            reason = _record_problem(record)
+            if reason:
+                path = record.get("path") if isinstance(record, dict) else record
+                problems[start + offset] = (reason, path)
+    return problems
 
 
 def _record_problem(record) -> str | None:

@@ -710,6 +710,31 @@ def test_load_pets_from_the_hub_filters_and_splits(fake_hub):
                for label, i in zip(pets.test["label"], pets.test["image_id"]))
 
 
+def test_hub_images_pass_the_checks_a_local_file_does(monkeypatch):
+    """A broken image inside the Hub's Arrow files is named and left out, not met mid-training."""
+    import io
+
+    split = _fake_hub_split(1, 2)
+    good = io.BytesIO()
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(good, format="JPEG")
+    records = split.cast_column("image", datasets.Image(decode=False))["image"][:]
+    records[0] = {"bytes": good.getvalue()[:-10], "path": None}  # Abyssinian_1, cut short
+    records[1] = {"bytes": b"not an image", "path": None}  # Abyssinian_2
+    broken = split.cast_column("image", datasets.Image(decode=False)).remove_columns("image").add_column(
+        "image", records, feature=datasets.Image(decode=False)).cast_column("image", datasets.Image())
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *a, **k: datasets.DatasetDict(train=broken, test=_fake_hub_split(100, 2)))
+    splits, skipped = load_hub("timm/oxford-iiit-pet", CAT_BREEDS_OFFICIAL)
+    assert skipped == ["Abyssinian_1: truncated JPEG (no end marker); left out",
+                       "Abyssinian_2: not an image PIL can read; left out"]
+    assert len(splits["trainval"]) == 12 * 2 - 2
+    assert "Abyssinian_1" not in splits["trainval"]["image_id"][:]
+    pets = load_pets(dataset="timm/oxford-iiit-pet", species="cat", val_fraction=0)
+    assert pets.skipped == skipped
+    with pytest.raises(UserError, match=r"strict_data: 2 bad input\(s\), first Abyssinian_1"):
+        load_pets(dataset="timm/oxford-iiit-pet", strict_data=True)
+
+
 def test_hub_dataset_with_foreign_labels_is_a_user_error(monkeypatch):
     features = Features({"image": datasets.Image(), "label": ClassLabel(names=["cat", "car"])})
     split = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))], "label": [1]},
