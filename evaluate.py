@@ -84,6 +84,10 @@ def evaluate(config: EvalConfig) -> int:
     if accelerator.is_main_process:
         print(f"{config.split} accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; "
               f"report in {out}")
+        if metrics["unreadable"]:  # deleted or damaged since the data was scanned
+            print(f"{len(metrics['unreadable'])} image(s) could not be read and are left out of the "
+                  f"report (listed in its metrics.json): {', '.join(metrics['unreadable'][:5])}"
+                  f"{', ...' if len(metrics['unreadable']) > 5 else ''}")
         if config.push_to_hub:
             training = pets if data == run_data else load_model_classes(class_names, run_data)
             push_evaluated_model(config, accelerator.unwrap_model(model, keep_torch_compile=False),

@@ -104,19 +104,21 @@ if __name__ == "__main__":
 # `layer_decay` x the one above, with groups from the model's group_matcher: coatnet_0_rw_224
 # has 6 (stem, 4 stages, head), tf_efficientnet_lite0 18 (stem, 16 blocks, head). The same
 # value is not the same recipe on both: 0.6 trains coatnet_0's stem at 0.6^5 = 0.08 x lr,
-# lite0's at 0.6^17 = 0.0002 x lr (frozen, in effect). To measure on lite0 what a decay does
-# on another model, the benchmark keeps the lr ratio between the classifier and the stem, and
-# so, the profile being geometric, the lr at every fraction of the depth.
+# lite0's at 0.6^17 = 0.0002 x lr (frozen, in effect). A recipe in `layer_decay_ratio` (the
+# stem's share of lr, configs/gpu.yaml) is the same on every model and runs on lite0 as it is;
+# one in `layer_decay` is converted here, keeping the lr ratio between the classifier and the
+# stem, and so, the profile being geometric, the lr at every fraction of the depth.
 
 
 @functools.cache  # builds the model: once per name, not once per run
 def layer_decay_depth(model_name: str) -> int:
-    """How many groups below the classifier's timm's layer decay splits `model_name` into."""
+    """How many groups below the classifier's timm's layer decay splits `model_name` into
+    (pet_pipeline.optim.layer_decay_depth of a randomly initialised one)."""
     import timm
-    from timm.models import group_parameters
 
-    model = timm.create_model(model_name, pretrained=False, num_classes=2)
-    return max(group_parameters(model, model.group_matcher(coarse=False), reverse=True).values())
+    from pet_pipeline.optim import layer_decay_depth as depth_of
+
+    return depth_of(timm.create_model(model_name, pretrained=False, num_classes=2))
 
 
 def equivalent_layer_decay(decay: float, of_model: str, on_model: str = MODEL_NAME) -> float:

@@ -22,10 +22,12 @@ trainval split for training and the test split for the accuracy:
   the task's data, no validation split (the few-shot sample has none to spare; the last
   weights are the model), `--batch-size` images a step, `--image-size` px, fp32, and
   `--seed` in `--seeds`; its test accuracy read from eval/metrics.json. A recipe's
-  `layer_decay` is meant for its own `model` (coatnet_0_rw_224 in configs/gpu.yaml: 5 layer
-  groups below the classifier; lite0 has 17), so it runs on lite0 converted to the same
+  `layer_decay_ratio` (configs/gpu.yaml's) is the same profile on every model and runs as it
+  is. A `layer_decay` is meant for the recipe's own `model` (coatnet_0_rw_224: 5 layer groups
+  below the classifier; lite0 has 17), so it runs on lite0 converted to the same
   classifier-to-stem lr ratio (`equivalent_layer_decay`: 0.6 on coatnet_0 is 0.86 on lite0);
-  `--literal-layer-decay` passes it unchanged.
+  `--literal-layer-decay` passes it unchanged. configs/gpu.yaml's auto_scale chooses what the
+  benchmark's arguments leave open (on the cat sample: 15 epochs, 5 of them head phase).
 Each row is the mean +- std (sample std) over the seeds; with `--json` every run's figure
 is written too. Nothing here holds a result: the numbers come from the runs.
 """
@@ -135,8 +137,8 @@ def linear_probe(weights: Path, data_dir: str, species: str, image_size: int, se
 
 def lite0_layer_decay(recipe_args: list[str]) -> list[str]:
     """train.py arguments that give lite0 the recipe's layer-decay profile: its `layer_decay`
-    for its own `model` (coatnet_0_rw_224 in configs/gpu.yaml) converted to lite0's depth
-    (benchmarks/lite0_weights.py), so that what is measured is the recipe, not the number."""
+    for its own `model` converted to lite0's depth (benchmarks/lite0_weights.py), so that what
+    is measured is the recipe, not the number. Nothing for a `layer_decay_ratio`: it needs none."""
     from pet_pipeline.config import load_config
 
     recipe = load_config(recipe_args)

@@ -23,7 +23,8 @@ def build_accelerator(config: Config, project_dir) -> Accelerator:
         kwargs_handlers=[
             InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s)),
             # the head phase leaves the backbone without gradients: DDP must not wait for them
-            DistributedDataParallelKwargs(find_unused_parameters=config.head_epochs > 0),
+            # (auto_scale chooses head_epochs after this, from the data: assume a head phase)
+            DistributedDataParallelKwargs(find_unused_parameters=config.head_epochs > 0 or config.auto_scale),
         ],
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum_steps,
@@ -56,16 +57,22 @@ def check_launch(accelerator) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def load_data(config: Config, accelerator):
-    """The images as datasets.Dataset splits, checked; `pre_resize` caches them resized once."""
+def load_data(config: Config, accelerator, val_rule=None):
+    """The images as datasets.Dataset splits, checked; `pre_resize` caches them resized once.
+    `val_rule` (auto_scale: pet_pipeline/recipe.ValidationRule) takes val_fraction's place and
+    chooses it once the data knows how many training images there are."""
     from pet_pipeline.data import load_data, pre_resize
 
     # one process per node first: the synthetic folder and the Hub download are made once
     with accelerator.local_main_process_first():
-        pets = load_data(**data_keys(config))
+        # a resumed run leaves out what its first start left out, without checking the files
+        # again: the same rows, so the same data order and stand-ins (pet_pipeline/unreadable.py)
+        keys = {**data_keys(config), **({"val_fraction": val_rule} if val_rule is not None else {})}
+        pets = load_data(**keys, verdicts=first_verdicts(config))
     if pets.val is None and (config.scheduler == "plateau" or config.early_stopping_patience):
+        why = pets.notes + ([f"auto_scale: {val_rule.choice.reason}"] if val_rule and val_rule.choice else [])
         raise UserError(f"val_fraction: the data is too small for a validation split "
-                        f"({'; '.join(pets.notes)}), which scheduler: plateau and early stopping "
+                        f"({'; '.join(why)}), which scheduler: plateau and early stopping "
                         "need; use scheduler: cosine and no early_stopping_patience, or more images.")
     if config.pre_resize is not None:
         with accelerator.local_main_process_first():  # one process writes the cache, others read it
@@ -76,13 +83,31 @@ def load_data(config: Config, accelerator):
     return pets
 
 
+def first_verdicts(config):
+    """The images the run this start resumes left out at its first start (sources.Verdicts)."""
+    from pet_pipeline.checkpoint import list_checkpoints, read_train_state
+    from pet_pipeline.sources import FRESH, Verdicts
+
+    if config.resume == "auto":
+        checkpoints = list_checkpoints(config.output_dir)
+        checkpoint = checkpoints[-1] if checkpoints else None
+    else:
+        checkpoint = None if config.resume in ("none", "overwrite") else config.resume
+    try:
+        left_out = read_train_state(checkpoint).get("left_out") if checkpoint else None
+    except (OSError, ValueError):  # a damaged checkpoint: the start decides about it, not this
+        left_out = None
+    return FRESH if left_out is None else Verdicts(frozenset(left_out))
+
+
 def data_keys(config) -> dict:
     """The config's keys that say which images, in which splits: data.load_data's arguments."""
     import inspect
 
     from pet_pipeline.data import load_data
 
-    return {key: getattr(config, key) for key in inspect.signature(load_data).parameters}
+    return {key: getattr(config, key) for key in inspect.signature(load_data).parameters
+            if hasattr(config, key)}
 
 
 def loader_workers(config: Config, accelerator) -> int:
@@ -92,19 +117,29 @@ def loader_workers(config: Config, accelerator) -> int:
     return config.num_workers if config.num_workers is not None else default_num_workers(processes_per_node)
 
 
-def build_data(config: Config, accelerator, data_config: dict):
+def build_data(config: Config, accelerator, data_config: dict, argv: list[str] | None = None):
     """The splits and their loaders: each image decoded and augmented (crop, flip) in a loader
     worker from a seed of (seed, epoch, index), so any worker count gives the same batches;
-    prepared by the accelerator (each process its share)."""
+    prepared by the accelerator (each process its share).
+
+    With auto_scale, the keys pet_pipeline/recipe.py chooses from the data's size are set on
+    `config`, in place, before the loaders use batch_size. `argv`, the command line, says which
+    keys the user gave, which it never changes (None: the keys off their defaults)."""
     from pet_pipeline.loader import PetTorchDataset, build_dataloader
+    from pet_pipeline.recipe import ValidationRule, given_keys
     from pet_pipeline.trainer import RunData
     from pet_pipeline.transforms import build_eval_transform, build_train_transform, decode_size
 
-    pets = load_data(config, accelerator)
+    given = given_keys(argv, config) if config.auto_scale else None
+    val_rule = ValidationRule() if given is not None and "val_fraction" not in given else None
+    pets = load_data(config, accelerator, val_rule)
+    if given is not None:
+        scale_to_data(config, given, pets=pets, val_rule=val_rule, processes=accelerator.num_processes)
     num_workers = loader_workers(config, accelerator)
     common = dict(seed=config.seed, num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
     train_set = PetTorchDataset(pets.train, build_train_transform(data_config, config.augment),
-                                seed=config.seed, min_side=decode_size(data_config, config.augment))
+                                seed=config.seed, min_side=decode_size(data_config, config.augment),
+                                stand_in=True)  # an image damaged mid-run: pet_pipeline/unreadable.py
     mixing = config.mixup > 0 or config.cutmix > 0
     loaders = {"train": build_dataloader(train_set, batch_size=config.batch_size, train=True,
                                          drop_last=mixing and len(train_set) >= config.batch_size, **common)}
@@ -117,6 +152,22 @@ def build_data(config: Config, accelerator, data_config: dict):
     prepared = {name: accelerator.prepare(loader) if loader is not None else None
                 for name, loader in loaders.items()}
     return RunData(pets=pets, num_workers=num_workers, data_config=data_config, **prepared)
+
+
+def scale_to_data(config: Config, given: frozenset[str], *, pets, val_rule, processes: int) -> None:
+    """auto_scale once the splits are made: the batch and the schedule for the training images
+    (pet_pipeline/recipe.py), set on `config`; the start line notes what was chosen and why."""
+    from pet_pipeline.recipe import apply_plan, given_validation, plan_schedule
+
+    if val_rule is not None and val_rule.choice is not None:
+        validation = val_rule.choice
+    else:  # val_fraction given, or (the rule never asked) the data's own validation split
+        validation = given_validation(len(pets.val) if pets.val is not None else 0, config.val_fraction,
+                                      own=val_rule is not None)
+    plan = plan_schedule(config, given, train_images=len(pets.train), processes=processes,
+                         validation=validation)
+    apply_plan(config, plan)
+    pets.notes.append(plan.summary())
 
 
 # ----------------------------------------------------------------------------- model
@@ -144,7 +195,7 @@ def build_learner(config: Config, accelerator, data, *, resuming: bool):
     if config.freeze_backbone:  # before the optimizer and DDP: both see only the classifier
         set_backbone_trainable(model, False)
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
-                                layer_decay=config.layer_decay)
+                                layer_decay=config.layer_decay, layer_decay_ratio=config.layer_decay_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # what is saved, averaged
     updates = _updates(config, accelerator, data, optimizer=optimizer, raw_model=raw_model)
@@ -207,7 +258,7 @@ def start_summary(trainer) -> str:
         + (", classifier only (frozen backbone)" if config.freeze_backbone else "")
         + (f", classifier only for {config.head_epochs} epoch(s), then everything"
            if config.head_epochs else "")
-        + (f", layer-wise lr decay {config.layer_decay:g}" if config.layer_decay else "")
+        + layer_decay_words(config, trainer.learner.raw_model)
         + (", batch-norm statistics frozen" if config.freeze_bn_stats else ""),
         f"outputs: {config.output_dir}" + (
             f" ({'resuming' if plan.action == 'resume' else 're-evaluating'} from "
@@ -216,3 +267,21 @@ def start_summary(trainer) -> str:
     lines += [f"  left out: {problem}" for problem in pets.skipped[:20]]
     lines += [f"  note: {note}" for note in pets.notes]
     return "\n".join(lines)
+
+
+def layer_decay_words(config: Config, model) -> str:
+    """The start line's layer-wise lr decay: per group, over how many groups, the stem's share."""
+    from pet_pipeline.optim import layer_decay_depth, layer_decay_for_ratio
+
+    if config.layer_decay is None and config.layer_decay_ratio is None:
+        return ""
+    depth = layer_decay_depth(model)
+    if config.layer_decay is not None:
+        decay, source = config.layer_decay, "layer_decay" + (
+            ", which wins over layer_decay_ratio" if config.layer_decay_ratio is not None else "")
+    else:
+        decay, source = layer_decay_for_ratio(config.layer_decay_ratio, depth), "layer_decay_ratio"
+    if decay is None:
+        return f", no layer-wise lr decay ({config.model} has one layer group)"
+    return (f", layer-wise lr decay {decay:.3g} a group over the {depth} groups below the classifier"
+            f" (the stem at {decay ** depth:.2g} x lr; {source})")

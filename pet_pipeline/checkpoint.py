@@ -63,6 +63,8 @@ class TrainState:
     loss_sum: float = 0.0  # training loss not yet logged: summed means over micro-batches
     loss_count: int = 0
     scheduler: dict | None = None  # plateau's state (cosine and constant follow the step)
+    unreadable: list[str] = field(default_factory=list)  # training images gone since the scan
+    left_out: list[str] | None = None  # images the first start left out: a resume leaves out these
     wandb_run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # one W&B run
     # what the weights are
     model: str = ""

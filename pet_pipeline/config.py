@@ -90,7 +90,12 @@ class Config:
         None, "Debugging: validate and test on at most this many images each (stratified, seeded)."
     )
     strict_data: bool = _field(
-        False, "Treat any unreadable image or malformed annotation line as an error."
+        False, "Treat any unreadable image or malformed annotation line as an error; an image "
+        "that becomes unreadable during training then stops the run (with a checkpoint)."
+    )
+    max_unreadable_fraction: float = _field(
+        0.01, "Share of the training images that may become unreadable during training (each "
+        "replaced by a readable image of its class) before the run stops with a checkpoint."
     )
     synthetic_images_per_class: int = _field(
         24, "Images per breed generated for dataset: synthetic."
@@ -120,6 +125,13 @@ class Config:
     )
     drop_path_rate: float = _field(0.1, "Stochastic depth rate.")
     # ---- optimisation ----
+    auto_scale: bool = _field(
+        False, "Choose val_fraction, batch_size, epochs, head_epochs, warmup_epochs and "
+        "early_stopping_patience from the number of training images, classes and processes "
+        "(pet_pipeline/recipe.py: e.g. a smaller batch and no validation split on a few photos a "
+        "class), each only where neither the --config file nor the command line gives it. The "
+        "start line says what it chose and why; the run's config.yaml holds the values."
+    )
     epochs: int = _field(10, "Passes over the training split.")
     max_steps: int | None = _field(
         None, "Stop after this many optimizer steps (overrides epochs when reached first)."
@@ -148,7 +160,14 @@ class Config:
         "at this factor times the one above (e.g. 0.8; null = one lr for all). How many groups "
         "a model has is timm's, so a value means more the deeper the grouping: 5 below the "
         "classifier for coatnet_0_rw_224, 17 for tf_efficientnet_lite0 (0.6 trains the first "
-        "one's stem at 0.08 x lr, the second's at 0.0002 x)."
+        "one's stem at 0.08 x lr, the second's at 0.0002 x). Wins over layer_decay_ratio."
+    )
+    layer_decay_ratio: float | None = _field(
+        None, "Layer-wise lr decay that means the same on every model: the lowest layer group (the "
+        "stem) trains at this fraction of the classifier's lr, the groups between at a geometric "
+        "progression over the model's own timm groups (each ratio^(1/groups below the "
+        "classifier) times the one above: 1e-5 is 0.1 a group on coatnet_0_rw_224's 5, 0.51 on "
+        "tf_efficientnet_lite0's 17). Used when layer_decay is null."
     )
     head_epochs: int = _field(
         0, "LP-FT: train only the classifier on frozen features (backbone in eval mode) for this "
@@ -282,6 +301,9 @@ def validate(c: Config) -> None:
         raise UserError(f"ema_decay: {c.ema_decay!r} must be in (0, 1), e.g. 0.999, or null.")
     if c.layer_decay is not None and not 0.0 < c.layer_decay <= 1.0:
         raise UserError(f"layer_decay: {c.layer_decay!r} must be in (0, 1], e.g. 0.8, or null.")
+    if c.layer_decay_ratio is not None and not 0.0 < c.layer_decay_ratio <= 1.0:
+        raise UserError(f"layer_decay_ratio: {c.layer_decay_ratio!r} must be in (0, 1], e.g. 1e-5, "
+                        "or null.")
     _at_least("head_epochs", c.head_epochs, 0)
     if c.freeze_backbone and c.head_epochs:
         raise UserError("head_epochs: a head phase means nothing with freeze_backbone: true (the "
@@ -307,6 +329,9 @@ def validate(c: Config) -> None:
 
 def _check_data_keys(c) -> None:
     """The keys of the data source, for train.py and evaluate.py alike."""
+    if not 0.0 <= getattr(c, "max_unreadable_fraction", 0.0) <= 1.0:
+        raise UserError(f"max_unreadable_fraction: {c.max_unreadable_fraction!r} must be in [0, 1], "
+                        "e.g. 0.01.")
     if c.data_format is not None:
         _choice("data_format", c.data_format, DATA_FORMATS)
     if c.test_fraction is not None and not 0.0 < c.test_fraction < 1.0:

@@ -37,13 +37,15 @@ from pet_pipeline.breeds import BREEDS, SPECIES_NAMES, kept_breeds, official_nam
 from pet_pipeline.errors import UserError
 from pet_pipeline.images import check_image_file, open_rgb
 from pet_pipeline.sources import (
+    FRESH,
     PETS_HUB_ID,
     Loaded,
+    Verdicts,
     detect_format,
-    image_problems,
     load_csv,
     load_hf,
     load_imagefolder,
+    problems_or_verdicts,
 )
 
 ANNOTATION_FILES = {"trainval": "trainval.txt", "test": "test.txt"}
@@ -61,6 +63,7 @@ class PetData:
     leaks: int = 0  # trainval images also in test.txt, dropped from training
     notes: list[str] = field(default_factory=list)  # how the request was adapted, to print
     source: str = ""  # which source was read, from where: the start line says it
+    bad_ids: list[str] = field(default_factory=list)  # images left out (a resumed run's Verdicts)
 
 
 def pet_features(class_names: list[str]) -> Features:
@@ -168,17 +171,20 @@ def image_path(images: Path, image_id: str, images_real: Path | None = None
     return resolved, None
 
 
-def load_local(data_dir: str | Path, class_names: list[str]) -> tuple[dict, list[str], dict]:
+def load_local(data_dir: str | Path, class_names: list[str], *, verdicts: Verdicts = FRESH
+               ) -> tuple[dict, list[str], dict]:
     """{'trainval': Dataset, 'test': Dataset} of the kept breeds, what was left out, and the
-    counts {'duplicates': n, 'leaks': n} (those are also named among what was left out)."""
+    counts {'duplicates': n, 'leaks': n} (those are also named among what was left out).
+    `verdicts`: check the files, or take a resumed run's first verdicts (load_data)."""
     root = find_pet_root(data_dir)
     index = {name: i for i, name in enumerate(class_names)}
     problems = []
-    counts = {"duplicates": 0, "leaks": 0}
+    counts = {"duplicates": 0, "leaks": 0, "bad_ids": []}
     kept = {}  # split -> [(annotation, resolved path)]
     listed = {}  # split -> every normalised id the file lists, of any breed
     for split, filename in ANNOTATION_FILES.items():
-        kept[split], listed[split] = _read_annotation_file(root, filename, index, problems, counts)
+        kept[split], listed[split] = _read_annotation_file(root, filename, index, problems, counts,
+                                                           verdicts=verdicts)
     kept["trainval"] = _without_test_images(kept, listed["test"], problems, counts)
     features = pet_features(class_names)
     splits = {split: _local_dataset(entries, index, features) for split, entries in kept.items()}
@@ -186,7 +192,7 @@ def load_local(data_dir: str | Path, class_names: list[str]) -> tuple[dict, list
 
 
 def _read_annotation_file(root: Path, filename: str, index: dict[str, int], problems: list[str],
-                          counts: dict) -> tuple[list, set[str]]:
+                          counts: dict, *, verdicts: Verdicts = FRESH) -> tuple[list, set[str]]:
     """The kept breeds' [(annotation, resolved path)] of one annotation file, each image once
     and its file checked, and the normalised ids of every image it lists, of any breed.
     What it leaves out is appended to `problems`; a repeated image adds to counts["duplicates"]."""
@@ -212,8 +218,9 @@ def _read_annotation_file(root: Path, filename: str, index: dict[str, int], prob
             continue
         path, reason = image_path(images, row.image_id, images_real)
         if reason is None:
-            reason = check_image_file(path)
+            reason = verdicts.reason(row.image_id, lambda path=path: check_image_file(path))
         if reason:
+            counts["bad_ids"].append(row.image_id)
             problems.append(f"{image_name(row.image_id)}: {reason}")
             continue
         kept.append((row, path))
@@ -254,7 +261,7 @@ def _local_dataset(entries: list, index: dict[str, int], features: Features) -> 
 # ----------------------------------------------------------------------------- the Hub
 
 
-def load_hub(dataset_id: str, class_names: list[str]) -> dict:
+def load_hub(dataset_id: str, class_names: list[str], *, verdicts: Verdicts = FRESH) -> dict:
     """The Hub dataset (columns image, label = 37 lowercase names, image_id) in our schema."""
     try:
         hub = datasets.load_dataset(dataset_id)
@@ -281,7 +288,7 @@ def load_hub(dataset_id: str, class_names: list[str]) -> dict:
             "species": [SPECIES_NAMES.index(_species(official[x])) for x in labels],
         }
 
-    splits, skipped = {}, []
+    splits, skipped, bad_ids = {}, [], []
     for ours, theirs in (("trainval", "train"), ("test", "test")):
         ds = hub[theirs].filter(
             lambda labels: [x in to_kept for x in labels], input_columns="label", batched=True
@@ -289,11 +296,12 @@ def load_hub(dataset_id: str, class_names: list[str]) -> dict:
         ds = ds.map(relabel, input_columns="label", batched=True,
                     remove_columns=[c for c in ds.column_names if c not in features])
         ds = ds.cast(features)
-        bad = image_problems(ds)  # the Hub's images pass the checks a local file does
-        ids = ds["image_id"][:] if bad else []
+        ids = ds["image_id"][:]
+        bad = problems_or_verdicts(ds, ids, verdicts)  # the Hub's images: checked like files
+        bad_ids += [ids[row] for row in bad]
         skipped += [f"{ids[row]}: {reason}; left out" for row, (reason, _) in bad.items()]
         splits[ours] = ds.select([row for row in range(len(ds)) if row not in bad]) if bad else ds
-    return splits, skipped
+    return splits, skipped, bad_ids
 
 
 # ----------------------------------------------------------------------------- one entry point
@@ -394,6 +402,7 @@ def load_data(
     max_eval_samples: int | None = None,
     synthetic_images_per_class: int = 24,
     synthetic_image_size: int = 96,
+    verdicts: Verdicts = FRESH,
 ) -> PetData:
     """Any source as checked train / val / test Datasets of one schema (the keys are the
     config's; pet_pipeline/config.py says what each means).
@@ -401,23 +410,25 @@ def load_data(
     The source's own splits are used; a missing test split is carved out of the training
     images (`test_fraction`), then a missing validation split (`val_fraction`), both
     stratified and seeded. `classes` keeps a subset of any source; `max_*_samples` shrink
-    the splits, stratified, for debugging.
+    the splits, stratified, for debugging. `verdicts`: a resumed run leaves out what its first
+    start left out, without checking the files again, so its rows (and with them the data
+    order and the stand-ins) are the checkpoint's (sources.Verdicts, pet_pipeline/unreadable.py).
     """
     kind = source_format(data_format, data_dir, dataset)
     if kind == "pets":
         loaded = _pets_source(dataset, data_dir, kept_breeds(species, breeds),
-                              synthetic_images_per_class, synthetic_image_size)
+                              (synthetic_images_per_class, synthetic_image_size), verdicts=verdicts)
     elif kind in ("imagefolder", "csv") and data_dir is None:
         raise UserError(f"data_format: {kind} reads data_dir; set data_dir to the "
                         f"{'folder of class folders' if kind == 'imagefolder' else 'CSV file'}.")
     elif kind == "imagefolder":
-        loaded = load_imagefolder(data_dir)
+        loaded = load_imagefolder(data_dir, verdicts=verdicts)
     elif kind == "csv":
         loaded = load_csv(data_dir, image_column=image_column, label_column=label_column,
-                          split_column=split_column)
+                          split_column=split_column, verdicts=verdicts)
     else:
         loaded = load_hf(data_dir or dataset, image_column=image_column, label_column=label_column,
-                         revision=dataset_revision)
+                         revision=dataset_revision, verdicts=verdicts)
     loaded.description = f"{kind}{' (auto)' if data_format == 'auto' else ''}: {loaded.description}"
     if classes:
         loaded = keep_classes(loaded, classes)
@@ -461,22 +472,22 @@ def load_pets(*, species: str = "cat", breeds: list[str] | None = None, **keys) 
     return load_data(data_format="pets", species=species, breeds=breeds, **keys)
 
 
-def _pets_source(dataset: str, data_dir: str | None, class_names: list[str],
-                 synthetic_images_per_class: int, synthetic_image_size: int) -> Loaded:
+def _pets_source(dataset: str, data_dir: str | None, class_names: list[str], synthetic: tuple[int, int],
+                 *, verdicts: Verdicts = FRESH) -> Loaded:
     """The Pets as a Loaded source: trainval.txt is its train split, test.txt its test split."""
-    counts = {"duplicates": 0, "leaks": 0}
+    counts = {"duplicates": 0, "leaks": 0, "bad_ids": []}
     if data_dir is not None:
-        splits, skipped, counts = load_local(data_dir, class_names)
+        splits, skipped, counts = load_local(data_dir, class_names, verdicts=verdicts)
         where = f"Oxford-IIIT Pet folder {find_pet_root(data_dir)}"
     elif dataset == "synthetic":
         from pet_pipeline.synthetic import synthetic_pets_dir
 
-        folder = synthetic_pets_dir(images_per_class=synthetic_images_per_class,
-                                    image_size=synthetic_image_size)
-        splits, skipped, counts = load_local(folder, class_names)
+        images_per_class, image_size = synthetic
+        folder = synthetic_pets_dir(images_per_class=images_per_class, image_size=image_size)
+        splits, skipped, counts = load_local(folder, class_names, verdicts=verdicts)
         where = f"generated stand-in Pets in {folder}"
     else:
-        splits, skipped = load_hub(dataset, class_names)
+        splits, skipped, counts["bad_ids"] = load_hub(dataset, class_names, verdicts=verdicts)
         where = f"Hub dataset {dataset}"
     return Loaded(splits={"train": splits["trainval"], "test": splits["test"]}, class_names=class_names,
                   description=where, skipped=skipped, counts=counts)
@@ -533,6 +544,8 @@ def _split(loaded: Loaded, *, pets: bool, val_fraction: float, test_fraction: fl
     if test is None:
         train, test = carve_test(train, test_fraction, seed, notes)
     if val is None:
+        if callable(val_fraction):  # auto_scale: recipe.ValidationRule, from the pool's size
+            val_fraction = val_fraction(len(train), len(loaded.class_names))
         train, val = stratified_split(train, val_fraction, seed, notes, pets=pets)
     elif not pets:
         notes.append(f"val_fraction: the data has its own validation split ({len(val)} images); "

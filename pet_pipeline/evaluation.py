@@ -8,7 +8,7 @@ distributed sampler repeated to even out the last batch: every sample counts exa
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,8 @@ class Predictions:
     probabilities: np.ndarray  # (n, K) softmax outputs
     labels: np.ndarray  # (n,) true class indices
     indices: np.ndarray  # (n,) row in the evaluated datasets.Dataset
+    # rows whose image could not be read during the evaluation: left out of the above
+    unreadable: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def predicted(self) -> np.ndarray:
@@ -64,23 +66,22 @@ def predict(model, loader, accelerator, *, should_stop=None, tta: str = "none") 
     """
     was_training = model.training
     model.eval()
-    probabilities, labels, indices = [], [], []
+    columns = [], [], [], []  # probabilities, labels, indices, unreadable flags
     for number, batch in enumerate(loader, start=1):
         gathered = accelerator.gather_for_metrics(
             (class_probabilities(model, batch["pixel_values"], accelerator, tta=tta),
-             batch["label"], batch["index"])
+             batch["label"], batch["index"], batch["unreadable"])
         )
-        for store, value in zip((probabilities, labels, indices), gathered):
+        for store, value in zip(columns, gathered):
             store.append(value.cpu())
         if should_stop is not None and should_stop(number):
             model.train(was_training)
             return None
     model.train(was_training)
-    return Predictions(
-        probabilities=torch.cat(probabilities).numpy().astype(np.float64),
-        labels=torch.cat(labels).numpy(),
-        indices=torch.cat(indices).numpy(),
-    )
+    probabilities, labels, indices, unreadable = (torch.cat(column).numpy() for column in columns)
+    read = unreadable < 0  # an image that could not be read is left out, and named in the report
+    return Predictions(probabilities=probabilities[read].astype(np.float64), labels=labels[read],
+                       indices=indices[read], unreadable=np.sort(indices[~read]))
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -159,6 +160,8 @@ def write_report(out_dir: str | Path, predictions: Predictions, class_names: lis
     if matrix is None:
         matrix = class_confusion_matrix(predictions, len(class_names))
     metrics = compute_metrics(predictions, class_names, matrix=matrix)
+    # images that could not be read when evaluated (after the start-up scan): not in n
+    metrics["unreadable"] = [image_ids[i] for i in predictions.unreadable]
     save_results(out_dir, metrics, file_name="metrics.json")  # with evaluate's system info
     write_confusion_matrix_csv(out_dir / "confusion_matrix.csv", matrix, class_names)
     with open(out_dir / "predictions.csv", "w", newline="") as f:

@@ -77,17 +77,26 @@ def seeded_rng(seed: int):
 class PetTorchDataset(Dataset):
     """A `with_transform` view of a pets `datasets.Dataset` for a DataLoader.
 
-    Items are {"pixel_values", "label", "index"}, plus "color_jitter" with `augment: strong`
-    (the factors the device applies); "index" lets evaluation map predictions back to image ids.
-    Keys may be plain indices or the sampler's (epoch, index) pairs.
+    Items are {"pixel_values", "label", "index", "unreadable"}, plus "color_jitter" with
+    `augment: strong` (the factors the device applies); "index" lets evaluation map
+    predictions back to image ids. Keys may be plain indices or the sampler's (epoch, index)
+    pairs.
+
+    An image that can't be decoded any more (deleted or damaged after the start-up scan)
+    never raises: "unreadable" holds its index (else -1), and the item is a stand-in, with
+    `stand_in` (training) the next readable image of the same class, else a grey image of
+    its label (evaluation leaves it out). pet_pipeline/unreadable.py names and counts them.
     """
 
     def __init__(self, ds: datasets.Dataset, transform, *, seed: int = 0,
-                 min_side: int | None = None):
+                 min_side: int | None = None, stand_in: bool = False):
         self.source = ds  # the dataset as given: its rows are the items' "index"
         ds = ds.cast_column("image", datasets.Image(decode=False))  # we decode, in the worker
-        self.ds = ds.with_transform(batch_transform(transform, min_side))
+        self.transform = batch_transform(transform, min_side)
+        self.ds = ds.with_transform(self.transform)
         self.seed = seed
+        self.stand_in = stand_in
+        self._labels = None  # the label column, read the first time a stand-in is needed
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -95,11 +104,42 @@ class PetTorchDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (None, key)
         if epoch is None:
-            item = self.ds[index]
+            item = self._read(index)
         else:
             with seeded_rng(self.seed * 1_000_003 + epoch * 100_000_007 + index):
-                item = self.ds[index]
+                item = self._read(index)
         return {**item, "index": index}
+
+    def _read(self, index: int) -> dict:
+        from pet_pipeline.unreadable import READ_ERRORS
+
+        try:
+            return {**self.ds[index], "unreadable": -1}
+        except READ_ERRORS:
+            pass
+        for other in self._same_class_after(index) if self.stand_in else ():
+            try:
+                return {**self.ds[other], "unreadable": index}
+            except READ_ERRORS:
+                continue
+        from PIL import Image
+
+        grey = self.transform({"image": [Image.new("RGB", (256, 256), (128, 128, 128))],
+                               "label": [self.labels[index]]})
+        return {**{key: values[0] for key, values in grey.items()}, "unreadable": index}
+
+    @property
+    def labels(self) -> list[int]:
+        """The label column (alone: a row of the dataset would decode its image)."""
+        if self._labels is None:
+            self._labels = self.source["label"][:]
+        return self._labels
+
+    def _same_class_after(self, index: int, tries: int = 8) -> list[int]:
+        """The next rows of `index`'s class, in order and wrapping around: the stand-ins."""
+        labels, n = self.labels, len(self.labels)
+        rows = (row % n for row in range(index + 1, index + n))
+        return [row for row in rows if labels[row] == labels[index]][:tries]
 
 
 def default_num_workers(processes_per_node: int = 1) -> int:

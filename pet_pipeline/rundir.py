@@ -70,7 +70,7 @@ MODEL_WEIGHTS = Path("model") / "model.safetensors"  # what export_model writes,
 FREE_KEYS = ("report_to", "wandb_project", "wandb_init_timeout_s", "wandb_finish_timeout_s", "wandb_required",
              "run_name", "log_every", "num_workers", "gradcam_images",
              "eval_batch_size", "checkpoint_steps", "keep_checkpoints", "compile", "channels_last",
-             "mixed_precision", "strict_data", "collective_timeout_s",
+             "mixed_precision", "strict_data", "max_unreadable_fraction", "collective_timeout_s",
              "push_to_hub", "hub_model_id", "hub_private",
              # the checkpoint holds the weights; the split fingerprint guards the images
              "pretrained_path", "data_dir")

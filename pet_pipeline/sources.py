@@ -39,13 +39,36 @@ IMAGE_COLUMNS = ("image", "img", "path", "file", "filename", "filepath", "image_
 LABEL_COLUMNS = ("label", "labels", "class", "category", "breed", "target")
 
 
+@dataclass(frozen=True)
+class Verdicts:
+    """Which images the loaders leave out. A fresh start checks every file (images.py) and
+    leaves out the bad ones; a resumed run takes its first start's verdicts instead (the image
+    ids it left out, from the checkpoint), so it gets the same rows whatever happened to the
+    files since: one that has become unreadable gets a stand-in when met (unreadable.py)."""
+
+    left_out: frozenset | None = None  # None: a fresh start, check every file
+
+    @property
+    def fresh(self) -> bool:
+        return self.left_out is None
+
+    def reason(self, image_id: str, check) -> str | None:
+        """Why `image_id` is left out: `check()` at a fresh start, else the first start's verdict."""
+        if self.left_out is None:
+            return check()
+        return "left out at the run's first start" if image_id in self.left_out else None
+
+
+FRESH = Verdicts()
+
+
 @dataclass
 class Loaded:
     splits: dict[str, datasets.Dataset]  # some of train, val, test
     class_names: list[str]
     description: str  # for the start line: which source, and from where
     skipped: list[str] = field(default_factory=list)
-    counts: dict = field(default_factory=lambda: {"duplicates": 0, "leaks": 0})
+    counts: dict = field(default_factory=lambda: {"duplicates": 0, "leaks": 0, "bad_ids": []})
 
 
 def image_features(class_names: list[str]) -> Features:
@@ -89,7 +112,7 @@ def is_saved_dataset(path: Path) -> bool:
 # ----------------------------------------------------------------------------- a class-folder tree
 
 
-def load_imagefolder(data_dir: str | Path) -> Loaded:
+def load_imagefolder(data_dir: str | Path, *, verdicts: Verdicts = FRESH) -> Loaded:
     """DIR/CLASS/**/*.jpg, or DIR/train/CLASS/... with optional DIR/val/ and DIR/test/.
 
     Class names are the class folders' names (any characters), sorted; a file whose suffix is
@@ -115,7 +138,7 @@ def load_imagefolder(data_dir: str | Path) -> Loaded:
                   for split, tree in trees.items()}
     loose = [p for p in trees["train"].iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     walk.skipped += [f"{_relative(p, root)}: not in a class folder; left out" for p in loose]
-    loaded = _checked_splits(candidates, class_names, root, walk.skipped)
+    loaded = _checked_splits(candidates, class_names, root, walk.skipped, verdicts=verdicts)
     splits = "/, ".join(split_dirs.get(s, Path(s)).name for s in SPLIT_ORDER if s in split_dirs)
     loaded.description = (f"image folder {root}" + (f" ({splits}/)" if split_dirs else "")
                           + (f", {walk.non_images} non-image file(s) ignored" if walk.non_images else ""))
@@ -163,15 +186,17 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def _checked_splits(candidates: dict[str, list[tuple[Path, str]]], class_names: list[str],
-                    root: Path, skipped: list[str], *, inside_root: bool = True) -> Loaded:
+                    root: Path, skipped: list[str], *, inside_root: bool = True,
+                    verdicts: Verdicts = FRESH) -> Loaded:
     """{split: [(path, class name)]} as Datasets of the files that pass the image checks.
 
     Each file once: a second path to a file already in the split is a duplicate, kept once;
     one already in an earlier split of SPLIT_ORDER is a leak, left out of the earlier one.
-    With `inside_root`, a path whose real location is outside `root` is refused.
+    With `inside_root`, a path whose real location is outside `root` is refused. `verdicts`:
+    whether to check the files or take a resumed run's first verdicts.
     """
     real_root = Path(os.path.realpath(root))
-    counts = {"duplicates": 0, "leaks": 0}
+    counts = {"duplicates": 0, "leaks": 0, "bad_ids": []}
     owner = {}  # real path -> (split, image id) that holds it
     kept = {split: {} for split in candidates}  # split -> {real path: (image id, label)}
     index = {name: i for i, name in enumerate(class_names)}
@@ -180,8 +205,9 @@ def _checked_splits(candidates: dict[str, list[tuple[Path, str]]], class_names: 
             image_id = _relative(path, root)
             real = Path(os.path.realpath(path))
             reason = (f"symlink out of {root}" if inside_root and not real.is_relative_to(real_root)
-                      else check_image_file(real))
+                      else verdicts.reason(image_id, lambda real=real: check_image_file(real)))
             if reason:
+                counts["bad_ids"].append(image_id)
                 skipped.append(f"{image_id}: {reason}; left out")
                 continue
             if real in owner:
@@ -209,7 +235,7 @@ def _checked_splits(candidates: dict[str, list[tuple[Path, str]]], class_names: 
 
 
 def load_csv(csv_path: str | Path, *, image_column: str | None = None, label_column: str | None = None,
-             split_column: str = "split") -> Loaded:
+             split_column: str = "split", verdicts: Verdicts = FRESH) -> Loaded:
     """A CSV (or TSV) of image paths, relative to the file's folder, and labels; a split column
     (train / val / test), when there is one, gives the splits. Class names: the labels, sorted."""
     path = Path(os.path.abspath(csv_path))
@@ -229,7 +255,8 @@ def load_csv(csv_path: str | Path, *, image_column: str | None = None, label_col
                             "val or test (or leave the cell empty for train).")
         file = Path(image) if os.path.isabs(image) else path.parent / image
         candidates.setdefault(SPLIT_NAMES[split], []).append((Path(os.path.normpath(file)), label))
-    missing = [str(p) for entries in candidates.values() for p, _ in entries if not os.path.lexists(p)]
+    missing = [str(p) for entries in candidates.values() for p, _ in entries
+               if verdicts.fresh and not os.path.lexists(p)]  # resumed: met as unreadable
     if missing:
         raise UserError(f"data_dir: {len(missing)} of the images {path.name} names do not exist (first: "
                         f"{', '.join(missing[:3])}); paths are relative to {path.parent}; fix the "
@@ -238,7 +265,8 @@ def load_csv(csv_path: str | Path, *, image_column: str | None = None, label_col
         raise UserError(f"data_dir: {path.name} has no training rows; mark some rows train in "
                         f"its {split_column} column.")
     class_names = sorted({label for entries in candidates.values() for _, label in entries})
-    loaded = _checked_splits(candidates, class_names, path.parent, skipped, inside_root=False)
+    loaded = _checked_splits(candidates, class_names, path.parent, skipped, inside_root=False,
+                             verdicts=verdicts)
     loaded.description = f"CSV {path} (columns {image_column}, {label_column}" + (
         f", {split_column})" if has_splits else ")")
     return loaded
@@ -283,7 +311,7 @@ def _column(given: str | None, usual: tuple[str, ...], columns: list[str], key: 
 
 
 def load_hf(source: str, *, image_column: str | None = None, label_column: str | None = None,
-            revision: str | None = None) -> Loaded:
+            revision: str | None = None, verdicts: Verdicts = FRESH) -> Loaded:
     """Any Hub dataset id (at `revision`) or a `save_to_disk` folder with an image and a label
     column; its own train / validation / test splits are used. A ClassLabel gives the class
     names in its order; plain labels become names, sorted."""
@@ -305,7 +333,8 @@ def load_hf(source: str, *, image_column: str | None = None, label_column: str |
     else:
         class_names = sorted({str(v) for ds in splits.values() for v in ds[label_column][:]})
     skipped = []
-    result = {split: _hf_split(ds, split, image_column, label_column, class_names, skipped)
+    columns = (image_column, label_column)
+    result = {split: _hf_split(ds, split, columns, class_names, skipped, verdicts=verdicts)
               for split, ds in splits.items()}
     ignored = [name for name in loaded if name.lower() not in SPLIT_NAMES]
     where = "saved dataset" if Path(source).is_dir() else "Hub dataset"
@@ -332,14 +361,17 @@ def _load_hf_dataset(source: str, revision: str | None):
                         "tree, a CSV or a save_to_disk folder).") from None
 
 
-def _hf_split(ds: datasets.Dataset, split: str, image_column: str, label_column: str,
-              class_names: list[str], skipped: list[str]) -> datasets.Dataset:
-    """One split in our schema, its images checked like files (bytes or paths)."""
+def _hf_split(ds: datasets.Dataset, split: str, columns: tuple[str, str], class_names: list[str],
+              skipped: list[str], *, verdicts: Verdicts = FRESH) -> datasets.Dataset:
+    """One split in our schema, its images checked like files (bytes or paths); the rows of
+    `verdicts` (ids SPLIT/ROW): whether to check them or take a resumed run's first verdicts."""
+    image_column, label_column = columns
     if isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     index = {name: i for i, name in enumerate(class_names)}
     is_class_label = isinstance(ds.features[label_column], ClassLabel)
-    problems = image_problems(ds, image_column)
+    problems = problems_or_verdicts(ds, [f"{split}/{row}" for row in range(len(ds))], verdicts,
+                                    image_column)
     skipped += [f"{split}[{row}]{f' ({name})' if name else ''}: {reason}; left out"
                 for row, (reason, name) in problems.items()]
     keep = [row for row in range(len(ds)) if row not in problems]
@@ -355,6 +387,15 @@ def _hf_split(ds: datasets.Dataset, split: str, image_column: str, label_column:
     selected = ds.select(keep)
     return selected.map(to_schema, batched=True, with_indices=True, remove_columns=selected.column_names,
                         features=features).cast_column("image", datasets.Image())
+
+
+def problems_or_verdicts(ds: datasets.Dataset, ids: list[str], verdicts: Verdicts,
+                         image_column: str = "image") -> dict[int, tuple[str, str | None]]:
+    """`image_problems` at a fresh start; a resumed run's first verdicts for the rows' `ids`."""
+    if verdicts.fresh:
+        return image_problems(ds, image_column)
+    return {row: (verdicts.reason(image_id, None), None) for row, image_id in enumerate(ids)
+            if image_id in verdicts.left_out}
 
 
 def image_problems(ds: datasets.Dataset, image_column: str = "image") -> dict[int, tuple[str, str | None]]:

@@ -192,21 +192,24 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 SUMMARY_COLUMNS = ("epoch", "step", "train_loss", "val_accuracy", "val_macro_f1", "lr",
-                   "images_per_s", "wall_time_s")
+                   "images_per_s", "wall_time_s", "unreadable_images")
 
 
 def write_summary_csv(records: list[dict], path: str | Path) -> None:
     """summary.csv, one row per epoch, from metrics.jsonl's records (so a resumed run's file
     is rebuilt from the same history): the epoch's mean training loss and images/s, its
-    validation accuracy and macro-F1, the lr and the process's wall time at its last step."""
+    validation accuracy and macro-F1, the lr, the process's wall time at its last step and the
+    training images first found unreadable in it."""
     import csv
 
     epochs: dict[int, dict] = {}
     for r in records:
         if "epoch" not in r:
             continue
-        row = epochs.setdefault(r["epoch"], {"epoch": r["epoch"], "losses": [], "speeds": []})
+        row = epochs.setdefault(r["epoch"], {"epoch": r["epoch"], "losses": [], "speeds": [],
+                                             "unreadable_images": 0})
         row["step"] = r["step"]
+        row["unreadable_images"] += "unreadable_image" in r  # first seen in this epoch
         if "train_loss" in r:
             row["losses"].append(r["train_loss"])
             row["speeds"].append(r["images_per_s"])

@@ -38,6 +38,7 @@ from pet_pipeline.preemption import StopFlag, StopRequested
 from pet_pipeline.rundir import RunDirectory, StartPlan
 from pet_pipeline.schedule import Schedule
 from pet_pipeline.tracking import PhaseClock, RunLog, RunningLoss, init_trackers, wandb_sync_hint
+from pet_pipeline.unreadable import DataGone, UnreadableSamples
 
 # DDP warns "Grad strides do not match bucket view strides" at the first backward of every
 # multi-process run, from each rank. The grads it names (1x1 and depthwise conv weights,
@@ -100,7 +101,7 @@ class Trainer:
         self.accelerator = accelerator = build_accelerator(config, self.run_dir.path)
         check_launch(accelerator)  # every process of the launch joined this one job
         set_seed(config.seed)  # before the model: the seed also fixes the new head's weights
-        self.data = build_data(config, accelerator, data_config)
+        self.data = build_data(config, accelerator, data_config, argv=argv)  # argv: keys the user gave
         split = split_fingerprint(self.data.pets)  # a resumed run must train on the same images
         # after every check that can refuse the start: the start may move an old run aside
         self.plan = decide_start(accelerator, self.run_dir, config, argv, split=split)
@@ -114,6 +115,8 @@ class Trainer:
         self.state = self._start_state(TrainState(model=config.model, class_names=self.data.class_names,
                                                   data_config=data_config, split=split))
         self.running_loss = RunningLoss(accelerator.device)  # summed on the device between logs
+        # training images that became unreadable since the scan: named once, counted, a stand-in
+        self.unreadable = UnreadableSamples(self.data.pets.train, known=self.state.unreadable)
         self.progress = None
 
     def _start_state(self, state: TrainState) -> TrainState:
@@ -127,6 +130,8 @@ class Trainer:
             if state.scheduler is not None:  # plateau: its best and its epochs without improvement
                 learner.scheduler.lr_scheduler.load_state_dict(state.scheduler)
             learner.scheduler.step_update(state.global_step)
+        else:  # what a resume of this run leaves out, instead of checking the files again
+            state.left_out = list(self.data.pets.bad_ids)
         state.config, state.num_processes = to_dict(self.config), self.accelerator.num_processes
         state.ema = learner.ema is not None
         return state
@@ -159,6 +164,8 @@ class Trainer:
             raise self.explain_failure(error) from None
         except StopRequested as request:
             return self.save_on_stop(request)
+        except DataGone as gone:  # strict_data, or too much of the data unreadable
+            self.stop_on_data(gone)
         finally:
             self.progress.close()  # before any message of an error that ends the run
         return 0
@@ -175,6 +182,7 @@ class Trainer:
             if self.train_step(batch) and not self.after_optimizer_step():
                 break  # max_steps
         self.running_loss.move_into(state, self.accelerator)  # a non-finite loss stops here
+        self.note_unreadable()
 
     def _set_phase(self) -> None:
         """LP-FT: in the head phase the backbone is frozen and in eval mode (its batch-norm
@@ -203,6 +211,7 @@ class Trainer:
             learner.optimizer.zero_grad(set_to_none=True)
         self.state.step_in_epoch += 1
         self.running_loss.add(loss)  # stays on the device: no sync here
+        self.unreadable.add(batch["unreadable"])  # the same: read at the log steps
         self.run_log.count_images(images.shape[0] * accelerator.num_processes)
         return accelerator.sync_gradients
 
@@ -235,6 +244,18 @@ class Trainer:
         self.run_log.log(record)
         self.progress.show(record)
         state.loss_sum, state.loss_count = 0.0, 0
+        self.note_unreadable()
+
+    def note_unreadable(self) -> None:
+        """Name the training images that could not be read since the last sync, once each
+        (every rank at the same step); DataGone when the config says that ends the run."""
+        new = self.unreadable.collect(self.accelerator)
+        for entry in new:
+            self.run_log.print(f"unreadable during training: {entry['unreadable_image']} "
+                               f"({entry['reason']}); a readable image of its class stands in for it")
+            self.run_log.log({"step": self.state.global_step, "epoch": self.state.epoch, **entry})
+        self.unreadable.check(new, strict=self.config.strict_data,
+                              max_fraction=self.config.max_unreadable_fraction)
 
     def validate(self) -> None:
         """Validation accuracy; the best weights so far become model/; at an epoch's end, the
@@ -316,6 +337,11 @@ class Trainer:
             repo_id=config.hub_model_id, confusion_matrix=out / "eval" / "confusion_matrix.png")
         self.run_log.print(f"test accuracy {test_metrics['accuracy']:.4f} on {test_metrics['n']} images;"
                            f" report in {out / 'eval'}")
+        gone = {"in training": len(self.state.unreadable),
+                "in the test split": len(test_metrics["unreadable"])}
+        if any(gone.values()):
+            self.run_log.print("unreadable images (named in metrics.jsonl and eval/metrics.json): "
+                               + ", ".join(f"{n} {where}" for where, n in gone.items() if n))
 
     def save_checkpoint(self) -> None:
         """Every rank, at the same step. The loss not yet logged goes into the state."""
@@ -334,6 +360,15 @@ class Trainer:
         return self.stop.poll(self.accelerator, batch)
 
     # ---------------------------------------------------------------------------- the ends
+
+    def stop_on_data(self, gone: DataGone) -> None:
+        """Unreadable training data ends the run: a checkpoint (every rank), then one sentence."""
+        self.run_log.print(f"stopping at step {self.state.global_step}: unreadable training data")
+        try:
+            self.save_checkpoint()
+        except (FloatingPointError, RuntimeError) as error:
+            raise self.explain_failure(error) from None
+        raise UserError(str(gone)) from None
 
     def save_on_stop(self, request: StopRequested) -> int:
         """Every rank agreed to stop: checkpoint (unless the run is finished: its last

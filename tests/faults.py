@@ -101,14 +101,14 @@ def _sigterm_in_data(seconds: int) -> None:
 
     import pet_pipeline.data
 
-    original = pet_pipeline.data.load_pets
+    original = pet_pipeline.data.load_data
 
-    def load_pets(**kwargs):
+    def load_data(**kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(seconds)  # a slow scan (a big folder, a slow mount)
         return original(**kwargs)
 
-    pet_pipeline.data.load_pets = load_pets
+    pet_pipeline.data.load_data = load_data
 
 
 def _count_collectives() -> None:

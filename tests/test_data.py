@@ -686,9 +686,9 @@ def fake_hub(monkeypatch):
 
 def test_hub_dataset_is_mapped_to_our_schema(fake_hub):
     with count_decodes() as decodes:
-        splits, skipped = load_hub("timm/oxford-iiit-pet", CAT_BREEDS_OFFICIAL)
+        splits, skipped, bad_ids = load_hub("timm/oxford-iiit-pet", CAT_BREEDS_OFFICIAL)
     assert sum(decodes.values()) == 0
-    assert fake_hub == ["timm/oxford-iiit-pet"] and skipped == []
+    assert fake_hub == ["timm/oxford-iiit-pet"] and skipped == [] == bad_ids
     assert set(splits) == {"trainval", "test"}
     for split, per_breed in (("trainval", 3), ("test", 2)):
         ds = splits[split]
@@ -724,10 +724,10 @@ def test_hub_images_pass_the_checks_a_local_file_does(monkeypatch):
         "image", records, feature=datasets.Image(decode=False)).cast_column("image", datasets.Image())
     monkeypatch.setattr(datasets, "load_dataset",
                         lambda *a, **k: datasets.DatasetDict(train=broken, test=_fake_hub_split(100, 2)))
-    splits, skipped = load_hub("timm/oxford-iiit-pet", CAT_BREEDS_OFFICIAL)
+    splits, skipped, bad_ids = load_hub("timm/oxford-iiit-pet", CAT_BREEDS_OFFICIAL)
     assert skipped == ["Abyssinian_1: truncated JPEG (no end marker); left out",
                        "Abyssinian_2: not an image PIL can read; left out"]
-    assert len(splits["trainval"]) == 12 * 2 - 2
+    assert len(splits["trainval"]) == 12 * 2 - 2 and bad_ids == ["Abyssinian_1", "Abyssinian_2"]
     assert "Abyssinian_1" not in splits["trainval"]["image_id"][:]
     pets = load_pets(dataset="timm/oxford-iiit-pet", species="cat", val_fraction=0)
     assert pets.skipped == skipped
