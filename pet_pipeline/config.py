@@ -555,9 +555,10 @@ def to_dict(config) -> dict:
 
 
 def save_config(config, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    from pet_pipeline.files import replaced
+
+    with replaced(path) as handle:  # a full disk: one sentence, the old file intact
+        handle.write(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- evaluate.py

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix
 
+from pet_pipeline.files import replaced
 from pet_pipeline.metrics import compute_with_evaluate, per_class_scores, save_results
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ def compute_metrics(predictions: Predictions, class_names: list[str], top_confus
 
 def write_confusion_matrix_csv(path: Path, matrix: np.ndarray, class_names: list[str]) -> None:
     """Rows are true classes, columns predicted; class names as headers."""
-    with open(path, "w", newline="") as f:
+    with replaced(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["true\\predicted", *class_names])
         for name, row in zip(class_names, matrix):
@@ -162,9 +163,9 @@ def write_report(out_dir: str | Path, predictions: Predictions, class_names: lis
     metrics = compute_metrics(predictions, class_names, matrix=matrix)
     # images that could not be read when evaluated (after the start-up scan): not in n
     metrics["unreadable"] = [image_ids[i] for i in predictions.unreadable]
-    save_results(out_dir, metrics, file_name="metrics.json")  # with evaluate's system info
+    _save_metrics(out_dir / "metrics.json", metrics)
     write_confusion_matrix_csv(out_dir / "confusion_matrix.csv", matrix, class_names)
-    with open(out_dir / "predictions.csv", "w", newline="") as f:
+    with replaced(out_dir / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image_id", "true", "predicted", "confidence"])
         for i in np.argsort(predictions.indices, kind="stable"):
@@ -176,8 +177,23 @@ def write_report(out_dir: str | Path, predictions: Predictions, class_names: lis
     report = classification_report(predictions.labels, predictions.predicted,
                                    labels=list(range(len(class_names))),
                                    target_names=class_names, digits=4, zero_division=0)
-    (out_dir / "classification_report.txt").write_text(report)
+    with replaced(out_dir / "classification_report.txt") as f:
+        f.write(report)
     return metrics
+
+
+def _save_metrics(path: Path, metrics: dict) -> None:
+    """metrics.json with evaluate's system info, written aside and renamed into place."""
+    import os
+
+    from pet_pipeline.files import write_failed
+
+    aside = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        os.replace(save_results(path.parent, metrics, file_name=aside.name), path)
+    except OSError as error:
+        aside.unlink(missing_ok=True)
+        raise write_failed(error, path) from None
 
 
 # ----------------------------------------------------------------------------- the full report

@@ -365,7 +365,10 @@ def write_model_card(folder: str | Path, *, run_config: dict, data_config: dict,
                             license=license, has_confusion_matrix=has_matrix)
     if has_matrix:
         shutil.copyfile(confusion_matrix, folder / CONFUSION_MATRIX_FILE)
-    card.save(folder / CARD_FILE)
+    from pet_pipeline.files import replaced
+
+    with replaced(folder / CARD_FILE, "w", newline="", encoding="utf-8") as handle:
+        handle.write(str(card))  # what ModelCard.save writes, aside first
     return folder / CARD_FILE
 
 

@@ -28,9 +28,11 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(figure: Figure, path) -> Path:
+    from pet_pipeline.files import replaced
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    with replaced(path, "wb") as handle:  # a full disk: one sentence, the old plot intact
+        figure.savefig(handle, format="png")
     figure.clear()  # drop the artists now rather than whenever the GC gets to them
     return path
 

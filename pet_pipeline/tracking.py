@@ -16,6 +16,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from pet_pipeline.files import append_line, replaced
+
 
 def trackers_for(report_to: str) -> list[str]:
     return {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"],
@@ -162,7 +164,8 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("")
+            with replaced(self.path):  # an empty history
+                pass
         elif self.path.exists():
             kept = []
             for line in self.path.read_text().splitlines():
@@ -174,17 +177,15 @@ class MetricsLog:
                         kept.append(line)
                 except ValueError:
                     continue
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)  # the history is never half rewritten
+            with replaced(self.path) as handle:  # the history is never half rewritten
+                handle.write("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         """One line of strict JSON: a non-finite number is written as null."""
         if self.enabled:
             finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v
                       for k, v in record.items()}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(finite, allow_nan=False) + "\n")
+            append_line(self.path, json.dumps(finite, allow_nan=False))  # no half line on a full disk
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -216,7 +217,7 @@ def write_summary_csv(records: list[dict], path: str | Path) -> None:
             row["lr"], row["wall_time_s"] = r["lr"], r.get("time/elapsed_s")
         if "val_accuracy" in r:
             row["val_accuracy"], row["val_macro_f1"] = r["val_accuracy"], r["val_macro_f1"]
-    with open(path, "w", newline="") as f:
+    with replaced(path, "w", newline="") as f:  # a full disk: the previous epoch's file intact
         writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         for row in epochs.values():
