@@ -206,6 +206,33 @@ def test_a_stop_mid_epoch_checkpoints_and_resumes_to_the_same_weights(tmp_path, 
 
 
 @pytest.mark.slow
+def test_ctrl_c_twice_under_torchrun_still_ends_with_the_stops_checkpoint(tmp_path, env):
+    """torchrun forwards the first Ctrl-C to its workers (they have sessions of their own, so
+    the terminal's second one never reaches them) and swallows the second while it waits for
+    them: the stop the first asked for completes with its checkpoint, every rank exits, and
+    the same command resumes. (One process quits at once on the second: tests/test_train.py.)"""
+    out = tmp_path / "run"
+    process = torchrun([*LONG_VALIDATION, "--output_dir", str(out)], env)
+    wait_for_record(out, lambda: process.poll() is None,
+                    lambda r: r.get("step", 0) >= 4 and "train_loss" in r)
+    workers = psutil.Process(process.pid).children()
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output = finish(process)
+    assert_stopped_cleanly(output, process.returncode, "SIGINT")
+    assert "quit on a second Ctrl-C" not in output
+    stopped_at = int(output.split("stopping on SIGINT at step ")[1].split()[0])
+    newest = list_checkpoints(out)[-1]
+    assert read_train_state(newest)["global_step"] == stopped_at and verify_checkpoint(newest) is None
+    assert not [w.pid for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    resumed = torchrun([*LONG_VALIDATION, "--output_dir", str(out)], env)
+    resumed_output = finish(resumed)
+    assert_ok(resumed.returncode, resumed_output, "the resumed run")
+    assert f"resuming from {newest.name}" in resumed_output
+
+
+@pytest.mark.slow
 def test_sigterm_during_validation_checkpoints_and_resumes_to_the_same_weights(
         tmp_path, env, uninterrupted):
     out = tmp_path / "stopped"
