@@ -29,6 +29,7 @@ from pet_pipeline.errors import (
     INTERRUPTED_EXIT_CODE,
     QuitWithoutSaving,
     StoppedBeforeTraining,
+    StoppedWhileClosing,
     UserError,
     exit_with,
     stop_exit_code,
@@ -51,6 +52,7 @@ def train(config: Config, argv: list[str]) -> int:
             StopFlag.installed(announce=main_process) as stop:
         trainer = Trainer(config, argv, run_dir=run_dir, stop=stop, checked=checked)
         exit_code = trainer.fit()
+        stop.closing_now()  # saved: a signal now ends W&B's upload or the Hub push at once
         trainer.close(exit_code)
     return exit_code
 
@@ -107,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped on SIGINT before the run started: nothing to save (exit status "
               f"{INTERRUPTED_EXIT_CODE})", file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT_CODE
+    except StoppedWhileClosing as stop:
+        exit_code = stop_exit_code(str(stop))
+        print(f"stopped on {stop} while closing the run (W&B's upload, the Hub push): the run is "
+              f"saved in {config.output_dir}; `wandb sync` uploads W&B's files later, and "
+              f"`python evaluate.py --push_to_hub` the model (exit status {exit_code})",
+              file=sys.stderr, flush=True)
+        return exit_code
     except QuitWithoutSaving:
         print(f"quit on a second Ctrl-C without saving; {_what_is_kept(config)}", file=sys.stderr,
               flush=True)

@@ -38,6 +38,11 @@ class StoppedBeforeTraining(BaseException):
     checkpoint check, a download retry) takes it for a failure of its own."""
 
 
+class StoppedWhileClosing(BaseException):
+    """A stop signal after the run ended (W&B's upload, the Hub push): everything is saved, so
+    the process ends at once. A BaseException for the same reason as StoppedBeforeTraining."""
+
+
 class QuitWithoutSaving(BaseException):
     """A second Ctrl-C: end now, without the checkpoint the first one asked for. A
     BaseException for the same reason as StoppedBeforeTraining. Checkpoints are written aside

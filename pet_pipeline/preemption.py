@@ -25,6 +25,7 @@ from pet_pipeline.errors import (  # noqa: F401 (PREEMPTED_EXIT_CODE re-exported
     PREEMPTED_EXIT_CODE,
     QuitWithoutSaving,
     StoppedBeforeTraining,
+    StoppedWhileClosing,
 )
 
 AGREE_WITHIN_S = 30.0  # leaves most of SLURM's 120 s warning to the checkpoint
@@ -65,6 +66,7 @@ class StopFlag:
         self.requested = False
         self.signal_name = None
         self.armed = False  # until arm(): a signal ends the process at once
+        self.closing = False  # after closing(): the same, the run being saved
         self.announce = announce  # say what a Ctrl-C does (the main process; the others stay quiet)
         self.interrupts = 0  # Ctrl-Cs so far
         self.steps = self.batches = Cadence(1)
@@ -88,10 +90,18 @@ class StopFlag:
         agreement: every `every` optimizer steps at most."""
         self.armed, self.steps = True, Cadence(every)
 
+    def closing_now(self) -> None:
+        """The run has ended and is saved (Trainer.close: the trackers' end, the Hub push): a
+        signal from here on ends the process at once, instead of announcing a checkpoint."""
+        self.armed, self.closing = False, True
+
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:  # a forked child: the main process decides and ends it
             return
         name = signal.Signals(signum).name
+        if self.closing:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            raise StoppedWhileClosing(name)
         self.interrupts += name == "SIGINT"
         if self.interrupts > 1 and self.armed:
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # one more Ctrl-C ends the process outright

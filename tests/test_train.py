@@ -264,6 +264,31 @@ def test_ctrl_c_twice_quits_at_once_and_the_newest_complete_checkpoint_resumes(t
     assert f"resuming from {newest.name}" in resumed.stdout
 
 
+def test_ctrl_c_while_closing_ends_at_once_saying_the_run_is_saved(tmp_path, monkeypatch, train_run):
+    """After the report (W&B's upload, the Hub push) there is no checkpoint to announce: Ctrl-C
+    ends the process at once with one line saying what is saved and how to upload the rest."""
+    import os
+
+    from pet_pipeline.trainer import Trainer
+
+    original = Trainer.close
+
+    def close(self, exit_code):
+        os.kill(os.getpid(), signal.SIGINT)  # a person at the terminal, during the W&B upload
+        time.sleep(2)
+        original(self, exit_code)
+
+    monkeypatch.setattr(Trainer, "close", close)
+    out = tmp_path / "run"
+    result = train_run({**TINY, "max_steps": 2, "output_dir": out})
+    assert result.returncode == 130, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "stopping after this step" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("stopped on SIGINT")]
+    assert line.startswith(f"stopped on SIGINT while closing the run (W&B's upload, the Hub push): the run "
+                           f"is saved in {out}; `wandb sync` uploads W&B's files later")
+    assert (out / "model" / "model.safetensors").is_file() and (out / "eval" / "metrics.json").is_file()
+
+
 # --------------------------------------------------------------------------- two processes
 
 
