@@ -344,7 +344,12 @@ class Checkpointer:
         """Keep the `keep` newest complete checkpoints up to `newest`; never `newest` itself."""
         older = [p for p in list_checkpoints(self.folder.parent) if step_of(p) < step_of(newest)]
         for old in older[: max(0, len(older) - (self.keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+            # renamed first: a kill during the delete leaves a .tmp- folder, which is never
+            # taken for a checkpoint and which the next start removes (recover_leftovers),
+            # rather than a step_N folder with half its files
+            doomed = old.with_name(f"{TMP_PREFIX}rotated-{old.name}")
+            old.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def newest_complete(self) -> Path | None:
         found = list_checkpoints(self.folder.parent)

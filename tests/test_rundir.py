@@ -785,3 +785,30 @@ def test_a_real_full_disk_ends_in_one_sentence_keeping_the_previous(tmp_path, en
     finally:
         subprocess.run(["umount", str(disk)], check=False)
 
+
+
+def test_a_kill_while_rotating_an_old_checkpoint_away_never_leaves_half_a_checkpoint(tmp_path, monkeypatch):
+    """Rotation deletes a whole folder; killed in the middle, what is left is never listed as
+    a checkpoint (a resume could fall back to it) and the next start removes it."""
+    import pet_pipeline.checkpoint as checkpoint
+
+    folder = tmp_path / "run" / "checkpoints"
+    for step in (1, 2, 3):
+        (folder / f"step_{step:08d}").mkdir(parents=True)
+        (folder / f"step_{step:08d}" / "model.safetensors").write_bytes(b"weights")
+        (folder / f"step_{step:08d}" / checkpoint.STATE_FILE).write_text("{}")
+    saver = object.__new__(checkpoint.Checkpointer)  # _rotate needs only its folder and keep
+    saver.folder, saver.keep = folder, 2
+
+    def killed_midway(path, ignore_errors=False):  # the weights go, then the process dies
+        (Path(path) / "model.safetensors").unlink()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        saver._rotate(folder / "step_00000003")
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002", "step_00000003"]
+    assert recover_leftovers(tmp_path / "run") == [
+        "removed .tmp-rotated-step_00000001, an incomplete checkpoint left by a killed save"]
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000002", "step_00000003"]
