@@ -70,6 +70,9 @@ class UnreadableSamples:
                  else torch.empty(0, dtype=torch.long, device=accelerator.device))
         self.pending = []
         if accelerator.num_processes > 1:  # the ranks hold different samples' flags
+            failed = accelerator.reduce((local >= 0).sum().reshape(1), "sum")  # one small collective
+            if not failed.item():
+                return []
             local = accelerator.gather(accelerator.pad_across_processes(local, pad_index=-1))
         rows = sorted({int(i) for i in local.cpu().tolist() if i >= 0})
         new = []

@@ -11,6 +11,8 @@ Faults:
     enospc-at-save:N   the N-th checkpoint save writes part of a file, then fails with
                        OSError(ENOSPC), as on a full disk
     sigterm-in-data:S  a real SIGTERM as the data starts loading, which then takes S seconds
+    delete-after-epoch:E  rank 0 deletes the file $FAULT_IMAGE when the run moves past epoch E
+                       (an image gone from a shared folder mid-run)
     count-collectives  not a fault: count torch.distributed's collectives issued from Python
                        between consecutive optimizer steps (the loop's stop checks) and write
                        {"steps": [...], "per_step": [...]} to $COLLECTIVES_DIR/rank-R.json at exit
@@ -42,6 +44,8 @@ def install(faults: list[str]) -> None:
             _sigterm_in_data(n)
         elif name == "count-collectives":
             _count_collectives()
+        elif name == "delete-after-epoch":
+            _delete_after_epoch(n)
         else:
             raise SystemExit(f"unknown fault {fault!r}")
 
@@ -109,6 +113,20 @@ def _sigterm_in_data(seconds: int) -> None:
         return original(**kwargs)
 
     pet_pipeline.data.load_data = load_data
+
+
+def _delete_after_epoch(epoch: int) -> None:
+    from pet_pipeline.checkpoint import TrainState
+
+    original = TrainState.next_epoch
+
+    def next_epoch(self):
+        path = os.environ["FAULT_IMAGE"]
+        if self.epoch == epoch and os.environ.get("RANK", "0") == "0" and os.path.exists(path):
+            os.unlink(path)
+        original(self)
+
+    TrainState.next_epoch = next_epoch
 
 
 def _count_collectives() -> None:

@@ -233,6 +233,31 @@ def test_ctrl_c_twice_under_torchrun_still_ends_with_the_stops_checkpoint(tmp_pa
 
 
 @pytest.mark.slow
+def test_an_image_deleted_mid_run_under_two_processes_is_named_once_and_replaced(tmp_path, env):
+    """The rank that meets it flags it; the flags of both ranks are gathered at the log step,
+    the main process names it once, and the run goes on with a stand-in on every rank."""
+    from conftest import write_pet_folder
+
+    pets = write_pet_folder(tmp_path / "pets", {b: (8, 2) for b in ("Abyssinian", "Bengal", "Birman")},
+                            image_size=48)
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests" / "faults.py"), "delete-after-epoch:0", str(ROOT / "train.py"), *TINY,
+         "--data_dir", str(pets), "--breeds", "Abyssinian,Bengal,Birman", "--batch_size", "4",
+         "--epochs", "3", "--val_fraction", "0", "--max_unreadable_fraction", "0.2",
+         "--output_dir", str(out)],
+        env={**env, "ACCELERATE_USE_CPU": "1", "FAULT_IMAGE": str(pets / "images" / "Bengal_2.jpg")},
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = finish(process)
+    assert_ok(process.returncode, output)
+    assert output.count("unreadable during training: Bengal_2 (missing file)") == 1, output[-3000:]
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "unreadable_image" in r]
+    assert [(r["unreadable_image"], r["epoch"]) for r in records] == [("Bengal_2", 1)]
+    assert "unreadable images (named in metrics.jsonl and eval/metrics.json): 1 in training" in output
+
+
+@pytest.mark.slow
 def test_sigterm_during_validation_checkpoints_and_resumes_to_the_same_weights(
         tmp_path, env, uninterrupted):
     out = tmp_path / "stopped"
