@@ -297,20 +297,7 @@ def validate(c: Config) -> None:
         raise UserError("lr: 0 would not train; give a positive learning rate such as 1e-4.")
     if not 0.0 <= c.label_smoothing < 1.0:
         raise UserError(f"label_smoothing: {c.label_smoothing!r} must be in [0, 1).")
-    if c.ema_decay is not None and not 0.0 < c.ema_decay < 1.0:
-        raise UserError(f"ema_decay: {c.ema_decay!r} must be in (0, 1), e.g. 0.999, or null.")
-    if c.layer_decay is not None and not 0.0 < c.layer_decay <= 1.0:
-        raise UserError(f"layer_decay: {c.layer_decay!r} must be in (0, 1], e.g. 0.8, or null.")
-    if c.layer_decay_ratio is not None and not 0.0 < c.layer_decay_ratio <= 1.0:
-        raise UserError(f"layer_decay_ratio: {c.layer_decay_ratio!r} must be in (0, 1], e.g. 1e-5, "
-                        "or null.")
-    _at_least("head_epochs", c.head_epochs, 0)
-    if c.freeze_backbone and c.head_epochs:
-        raise UserError("head_epochs: a head phase means nothing with freeze_backbone: true (the "
-                        "backbone never trains); set head_epochs: 0 or freeze_backbone: false.")
-    if c.head_epochs and c.head_epochs >= c.epochs:
-        raise UserError(f"head_epochs: {c.head_epochs} leaves none of the {c.epochs} epochs to "
-                        "fine-tune everything; use fewer, or freeze_backbone: true for a linear probe.")
+    _check_fine_tuning_keys(c)
     if (c.mixup > 0 or c.cutmix > 0) and c.batch_size % 2:
         raise UserError(f"batch_size: mixup/cutmix need an even batch size, not {c.batch_size}.")
     if c.scheduler == "plateau" and c.val_fraction == 0:
@@ -325,6 +312,24 @@ def validate(c: Config) -> None:
     if c.resume not in ("auto", "none", "overwrite") and not Path(c.resume).is_dir():
         raise UserError(f"resume: {c.resume} is not a checkpoint folder; use auto, none, overwrite "
                         "or a checkpoint path.")
+
+
+def _check_fine_tuning_keys(c) -> None:
+    """EMA, layer-wise lr decay and the head phase."""
+    if c.ema_decay is not None and not 0.0 < c.ema_decay < 1.0:
+        raise UserError(f"ema_decay: {c.ema_decay!r} must be in (0, 1), e.g. 0.999, or null.")
+    if c.layer_decay is not None and not 0.0 < c.layer_decay <= 1.0:
+        raise UserError(f"layer_decay: {c.layer_decay!r} must be in (0, 1], e.g. 0.8, or null.")
+    if c.layer_decay_ratio is not None and not 0.0 < c.layer_decay_ratio <= 1.0:
+        raise UserError(f"layer_decay_ratio: {c.layer_decay_ratio!r} must be in (0, 1], e.g. 1e-5, "
+                        "or null.")
+    _at_least("head_epochs", c.head_epochs, 0)
+    if c.freeze_backbone and c.head_epochs:
+        raise UserError("head_epochs: a head phase means nothing with freeze_backbone: true (the "
+                        "backbone never trains); set head_epochs: 0 or freeze_backbone: false.")
+    if c.head_epochs and c.head_epochs >= c.epochs:
+        raise UserError(f"head_epochs: {c.head_epochs} leaves none of the {c.epochs} epochs to "
+                        "fine-tune everything; use fewer, or freeze_backbone: true for a linear probe.")
 
 
 def _check_data_keys(c) -> None:

@@ -537,7 +537,7 @@ def _check_enough_images(loaded: Loaded, *, pets: bool) -> None:
 
 
 def _split(loaded: Loaded, *, pets: bool, val_fraction: float, test_fraction: float, seed: int,
-           max_samples: tuple[int | None, int | None]) -> PetData:
+           max_samples: tuple[int | None, int | None] = (None, None)) -> PetData:
     """Train / val / test from the source's splits, the missing ones carved out, then shrunk."""
     notes = []
     train, val, test = (loaded.splits.get(name) for name in ("train", "val", "test"))
