@@ -3,6 +3,7 @@
     python benchmarks/transfer.py                                  # the shared sample, ~35 min on 2 cores
     python benchmarks/transfer.py --data-dir ~/data/oxford-iiit-pet --tasks cat --seeds 0
     python benchmarks/transfer.py --recipe "lr1e-3=--config configs/gpu.yaml --lr 1e-3" --json out.json
+    python benchmarks/transfer.py --as-shipped --json out.json     # configs/gpu.yaml as a user runs it
 
 Real photos: `--data-dir`, any folder in the official layout (default: the shared sample,
 `<repo>/../shared/data/oxford-pet-sample`, about 5 trainval and 5 test photos per breed).
@@ -28,6 +29,9 @@ trainval split for training and the test split for the accuracy:
   classifier-to-stem lr ratio (`equivalent_layer_decay`: 0.6 on coatnet_0 is 0.86 on lite0);
   `--literal-layer-decay` passes it unchanged. configs/gpu.yaml's auto_scale chooses what the
   benchmark's arguments leave open (on the cat sample: 15 epochs, 5 of them head phase).
+`--as-shipped` gives train.py only the recipe's own arguments, the model and its weights, the
+task's data, fp32, one loader worker and the seed: the validation split, batch, epochs and
+image size are the recipe's (auto_scale's), as a user running it would get them.
 Each row is the mean +- std (sample std) over the seeds; with `--json` every run's figure
 is written too. Nothing here holds a result: the numbers come from the runs.
 """
@@ -72,6 +76,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16, help="images per optimizer step")
     parser.add_argument("--out", default="runs/transfer", help="weights, runs and logs go here")
     parser.add_argument("--json", default=None, help="also write every figure to this file")
+    parser.add_argument("--as-shipped", action="store_true",
+                        help="run each recipe as a user would: only the model, its weights, the data, "
+                        "fp32, one loader worker and the seed are given (no batch, validation or "
+                        "image-size adjustments; --image-size applies to the linear probe only)")
     parser.add_argument("--literal-layer-decay", action="store_true",
                         help="pass a recipe's layer_decay to lite0 unchanged instead of matching "
                              "its depth profile on the recipe's own model")
@@ -163,6 +171,12 @@ def run_recipe(args, weights: Path, species: str, name: str, recipe_args: list[s
         "--report_to", "none", "--gradcam_images", "0", "--num_workers", "1",
         "--seed", str(seed), "--output_dir", str(out), "--resume", "overwrite",
     ]
+    if args.as_shipped:  # what a user with these weights and a CPU would change, nothing more
+        command = [sys.executable, str(ROOT / "train.py"), *recipe_args, "--data_dir", args.data_dir,
+                   "--species", species, "--model", MODEL_NAME, "--pretrained_path", str(weights),
+                   "--mixed_precision", "no", "--num_workers", "1", "--report_to", "none",
+                   "--gradcam_images", "0", "--seed", str(seed), "--output_dir", str(out),
+                   "--resume", "overwrite"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     (out.parent / f"{out.name}.log").write_text(result.stdout + result.stderr)
@@ -209,7 +223,9 @@ def main(argv=None) -> None:
             figures[f"{species}/{method}"] = values
 
     command = "python benchmarks/transfer.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(f"\n{MODEL_NAME}, ImageNet-1k weights, {args.image_size} px, batch {args.batch_size}; "
+    sizes = ("the recipe's size and batch" if args.as_shipped
+             else f"{args.image_size} px, batch {args.batch_size}")
+    print(f"\n{MODEL_NAME}, ImageNet-1k weights, {sizes}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), {date.today()}, "
           f"{time.time() - started:.0f} s\n")
     print("| task | method | test accuracy (mean +- std) | seeds |")
