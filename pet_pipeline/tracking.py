@@ -12,6 +12,7 @@ import math
 import netrc
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,15 +61,27 @@ def check_wandb_online(timeout_s: float) -> None:
             else f"WANDB_MODE={mode}"
         raise UserError(f"wandb_required: W&B would log offline here ({why}); log in, or set "
                         "wandb_required: false to log offline and upload later with `wandb sync`.")
-    try:
-        urllib.request.urlopen(wandb_server(), timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        pass  # it answered: reachable
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
+    outcome = {}
+
+    def ask():
+        try:
+            urllib.request.urlopen(wandb_server(), timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            pass  # it answered: reachable
+        except (urllib.error.URLError, OSError) as error:
+            outcome["error"] = getattr(error, "reason", error)
+
+    # urlopen's timeout bounds the connection, not the name lookup before it (a resolver that
+    # never answers takes minutes): the whole question runs in a thread, waited for this long
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(timeout_s)
+    if asking.is_alive():
+        outcome["error"] = "no answer, not even to the name lookup"
+    if "error" in outcome:
         raise UserError(f"wandb_required: the W&B server {wandb_server()} did not answer within "
-                        f"{timeout_s:g} s ({reason}); check the network or proxy, or set wandb_required: "
-                        "false to log offline and upload later with `wandb sync`.") from None
+                        f"{timeout_s:g} s ({outcome['error']}); check the network or proxy, or set "
+                        "wandb_required: false to log offline and upload later with `wandb sync`.")
 
 
 def init_trackers(accelerator, config, *, run_id: str) -> str | None:

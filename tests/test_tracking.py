@@ -126,3 +126,25 @@ def test_the_w_and_b_keys_may_change_when_a_run_resumes():
     after = {"wandb_init_timeout_s": 5.0, "wandb_finish_timeout_s": 0.0, "wandb_required": True}
     refused_keys, accepted = config_changes(before, after)
     assert not refused_keys and set(accepted) == set(after)
+
+
+def test_wandb_required_bounds_a_name_lookup_that_never_answers(monkeypatch):
+    """urlopen's timeout does not cover the DNS lookup: a resolver that hangs must cost the
+    check its timeout, not the resolver's minutes."""
+    import socket
+
+    from pet_pipeline.errors import UserError
+    from pet_pipeline.tracking import check_wandb_online
+
+    def hanging_lookup(*args, **kwargs):
+        time.sleep(30)
+        raise socket.gaierror("never answered")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    for key, value in online_with_a_key("http://wandb.invalid").items():
+        monkeypatch.setenv(key, value)
+    started = time.time()
+    with pytest.raises(UserError, match=r"did not answer within 1 s \(no answer, not even to the name "
+                                        r"lookup\)"):
+        check_wandb_online(1)
+    assert time.time() - started < 5
