@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pet_pipeline.transforms import batch_transform
+from pet_pipeline.unreadable import READ_ERRORS
 
 
 class EpochSeededSampler(Sampler):
@@ -111,8 +112,6 @@ class PetTorchDataset(Dataset):
         return {**item, "index": index}
 
     def _read(self, index: int) -> dict:
-        from pet_pipeline.unreadable import READ_ERRORS
-
         try:
             return {**self.ds[index], "unreadable": -1}
         except READ_ERRORS:

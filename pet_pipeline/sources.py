@@ -56,7 +56,7 @@ class Verdicts:
         """Why `image_id` is left out: `check()` at a fresh start, else the first start's verdict."""
         if self.left_out is None:
             return check()
-        return "left out at the run's first start" if image_id in self.left_out else None
+        return "bad at the run's first start" if image_id in self.left_out else None
 
 
 FRESH = Verdicts()

@@ -152,3 +152,32 @@ def test_an_unreadable_test_image_is_left_out_of_the_report_and_named(tmp_path, 
     with open(out / "eval" / "predictions.csv", newline="") as f:
         assert "Bombay_8" not in [row["image_id"] for row in csv.DictReader(f)]
     assert "1 in the test split" in result.stdout
+
+
+def test_a_resume_leaves_out_what_the_first_start_left_out_even_if_fixed_since(tmp_path, pets, monkeypatch,
+                                                                            train_run):
+    """The first start's verdicts travel in the checkpoint: a file bad then and repaired before
+    the resume stays out, so the rows (and the data order) are the checkpoint's."""
+    from pet_pipeline.preemption import StopFlag, StopRequested
+
+    broken = pets / "images" / "Bombay_4.jpg"
+    good = broken.read_bytes()
+    broken.write_bytes(b"")
+    original = StopFlag.check
+
+    def check(self, accelerator, step):
+        if step == 3:
+            self.signal_name = "SIGTERM"
+            raise StopRequested("SIGTERM")
+        original(self, accelerator, step)
+
+    monkeypatch.setattr(StopFlag, "check", check)
+    out = tmp_path / "run"
+    first = train_run({**RUN, "data_dir": pets, "output_dir": out})
+    assert first.returncode == 75 and "images/Bombay_4.jpg: empty file" in first.stdout
+    monkeypatch.undo()
+    broken.write_bytes(good)  # repaired while the run was stopped
+    resumed = ok(train_run({**RUN, "data_dir": pets, "output_dir": out}))
+    assert "resuming from step_00000003" in resumed.stdout
+    assert "images/Bombay_4.jpg: bad at the run's first start" in resumed.stdout
+    assert read_train_state(list_checkpoints(out)[-1])["left_out"] == ["Bombay_4"]
