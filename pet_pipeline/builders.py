@@ -74,7 +74,7 @@ def load_data(config: Config, accelerator, val_rule=None):
         raise UserError(f"val_fraction: the data is too small for a validation split "
                         f"({'; '.join(why)}), which scheduler: plateau and early stopping "
                         "need; use scheduler: cosine and no early_stopping_patience, or more images.")
-    if config.pre_resize is not None:
+    if config.pre_resize is not None and augment_on(config, accelerator) == "cpu":  # device: the pixel cache
         with accelerator.local_main_process_first():  # one process writes the cache, others read it
             for name in ("train", "val", "test"):
                 if getattr(pets, name) is not None:
@@ -137,6 +137,10 @@ def build_data(config: Config, accelerator, data_config: dict, argv: list[str] |
         scale_to_data(config, given, pets=pets, val_rule=val_rule, processes=accelerator.num_processes)
     num_workers = loader_workers(config, accelerator)
     common = dict(seed=config.seed, num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
+    if augment_on(config, accelerator) == "device":
+        return _device_data(config, accelerator, data_config, pets=pets, common=common)
+    if config.augment_on == "auto" and accelerator.device.type == "cuda":  # strong: say why not
+        pets.notes.append("augment_on: auto chose cpu: augment: strong's RandAugment runs in PIL")
     train_set = PetTorchDataset(pets.train, build_train_transform(data_config, config.augment),
                                 seed=config.seed, min_side=decode_size(data_config, config.augment),
                                 stand_in=True)  # an image damaged mid-run: pet_pipeline/unreadable.py
@@ -152,6 +156,57 @@ def build_data(config: Config, accelerator, data_config: dict, argv: list[str] |
     prepared = {name: accelerator.prepare(loader) if loader is not None else None
                 for name, loader in loaders.items()}
     return RunData(pets=pets, num_workers=num_workers, data_config=data_config, **prepared)
+
+
+def augment_on(config: Config, accelerator) -> str:
+    """`augment_on` resolved: auto is device on a GPU unless augment is strong (RandAugment
+    runs in PIL), else cpu, where the model's own arithmetic competes for the same cores."""
+    if config.augment_on != "auto":
+        return config.augment_on
+    return "device" if accelerator.device.type == "cuda" and config.augment != "strong" else "cpu"
+
+
+def _device_data(config: Config, accelerator, data_config: dict, *, pets, common: dict):
+    """augment_on: device: each split decoded once into the pixel cache (one process per node
+    builds it, the others map the same files); loaders of uint8 regions; the eval loaders
+    resample on the device (pet_pipeline/device_augment.py)."""
+    from pet_pipeline.device_augment import CachedImages, DeviceAugment, DeviceBatches, collate_regions
+    from pet_pipeline.loader import build_dataloader
+    from pet_pipeline.pixel_cache import open_or_build
+    from pet_pipeline.synthetic import cache_root
+    from pet_pipeline.trainer import RunData
+    from pet_pipeline.transforms import decode_size
+
+    short_side = config.pre_resize or decode_size(data_config, None)  # at least the eval resize
+    splits = {name: getattr(pets, name) for name in ("train", "val", "test")
+              if getattr(pets, name) is not None}
+    with accelerator.local_main_process_first():
+        built = {name: open_or_build(split, short_side=short_side, root=cache_root(),
+                                     num_proc=max(1, common["num_workers"]),
+                                     progress=accelerator.is_local_main_process)
+                 for name, split in splits.items()}
+    caches = "; ".join(f"{name} {'built' if was_built else 'reused'}: {cache.describe()}"
+                       for name, (cache, was_built) in built.items())
+    pets.notes.append(f"augment_on: device: crops resampled on the device from the pixel cache; {caches}")
+    mixing = config.mixup > 0 or config.cutmix > 0
+    train_set = CachedImages(pets.train, built["train"][0], data_config=data_config, augment=config.augment,
+                             train=True, seed=config.seed, stand_in=True)
+    loaders = {"train": build_dataloader(train_set, batch_size=config.batch_size, train=True,
+                                         collate_fn=collate_regions,
+                                         drop_last=mixing and len(train_set) >= config.batch_size, **common)}
+    for name in ("val", "test"):
+        loaders[name] = None if name not in splits else build_dataloader(
+            CachedImages(splits[name], built[name][0], data_config=data_config, augment=config.augment,
+                         train=False), train=False, collate_fn=collate_regions,
+            batch_size=config.eval_batch_size or 2 * config.batch_size, **common)
+    prepared = {name: accelerator.prepare(loader) if loader is not None else None
+                for name, loader in loaders.items()}
+    resample = DeviceAugment(data_config, accelerator.device)
+    for name in ("val", "test"):
+        if prepared[name] is not None:
+            prepared[name] = DeviceBatches(prepared[name], resample)
+    return RunData(pets=pets, num_workers=common["num_workers"], data_config=data_config,
+                   augment_on="device", **prepared)
 
 
 def scale_to_data(config: Config, given: frozenset[str], *, pets, val_rule, processes: int) -> None:
@@ -207,6 +262,7 @@ def _updates(config: Config, accelerator, data, *, optimizer, raw_model) -> dict
     """The Learner's schedule, EMA, loss, mixup and device transform."""
     from timm.data import Mixup
 
+    from pet_pipeline.device_augment import DeviceAugment
     from pet_pipeline.optim import balanced_class_weights, build_ema, build_loss, build_scheduler
     from pet_pipeline.schedule import Schedule
     from pet_pipeline.transforms import DeviceTransform
@@ -227,8 +283,11 @@ def _updates(config: Config, accelerator, data, *, optimizer, raw_model) -> dict
         mixup=(Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
                      label_smoothing=config.label_smoothing, num_classes=num_classes)
                if mixing else None),
-        # colour jitter, normalisation and random erasing, on the whole batch
-        device_transform=DeviceTransform(data.data_config, config.augment, accelerator.device),
+        # on the whole batch: normalisation, and colour jitter and random erasing for strong
+        # (augment_on: device: the crop, resize, flip and normalisation)
+        device_transform=(DeviceAugment(data.data_config, accelerator.device)
+                          if data.augment_on == "device" else
+                          DeviceTransform(data.data_config, config.augment, accelerator.device)),
     )
 
 

@@ -24,6 +24,7 @@ from pet_pipeline.errors import UserError
 SPECIES = ("cat", "dog", "all")
 DATA_FORMATS = ("auto", "pets", "imagefolder", "csv", "hf")  # pet_pipeline/sources.py
 AUGMENT_PRESETS = ("none", "standard", "strong")
+AUGMENT_ON = ("auto", "device", "cpu")  # where augmentation runs (pet_pipeline/device_augment.py)
 SCHEDULERS = ("cosine", "plateau", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("wandb", "tensorboard", "all", "none")
@@ -113,6 +114,12 @@ class Config:
         None, "Decode every image once and keep it with this short side (px) for all epochs and "
         "runs: skips JPEG decoding, the largest input cost. About 1.15 x image_size, e.g. 256 "
         "for 224 (null = off)."
+    )
+    augment_on: str = _field(
+        "auto", "Where training crops, flips and resizing run: device (the host copies uint8 regions "
+        "of a decoded cache, the GPU resamples whole batches: for fast GPUs), cpu (PIL in the loader "
+        "workers), or auto (device on a GPU unless augment is strong, whose RandAugment is CPU-only; "
+        "cpu otherwise)."
     )
     num_workers: int | None = _field(
         None, "DataLoader worker processes per GPU (default: CPU cores per process minus one, at most 16)."
@@ -271,6 +278,10 @@ def validate(c: Config) -> None:
             raise UserError(f"{f.name}: {value!r} is not a finite number.")
     _choice("species", c.species, SPECIES)
     _choice("augment", c.augment, AUGMENT_PRESETS)
+    _choice("augment_on", c.augment_on, AUGMENT_ON)
+    if c.augment_on == "device" and c.augment == "strong":
+        raise UserError("augment_on: device has no batched RandAugment, which augment: strong needs; "
+                        "use augment_on: cpu (or auto) for strong, or augment: standard on the device.")
     _choice("scheduler", c.scheduler, SCHEDULERS)
     if c.mixed_precision is not None:
         _choice("mixed_precision", c.mixed_precision, MIXED_PRECISION)

@@ -593,10 +593,10 @@ def _at_most(ds: datasets.Dataset | None, n: int | None, seed: int, key: str, no
 # ----------------------------------------------------------------------------- pre-resized cache
 
 
-def _cache_key(ds: datasets.Dataset, short_side: int) -> str:
+def content_key(ds: datasets.Dataset, short_side: int) -> str:
     """Same images and size -> same key, across runs and processes."""
     images = ds.cast_column("image", datasets.Image(decode=False))
-    digest = hashlib.sha256(f"v1-{short_side}".encode())
+    digest = hashlib.sha256(f"v2-{short_side}".encode())  # v2: the long side as torchvision rounds it
     first_path = images[0]["image"]["path"] if len(images) else None  # one row, not the column
     if first_path and os.path.isfile(first_path):  # a local folder: ids, paths, sizes, times
         for record in images.select_columns("image")["image"][:]:
@@ -606,6 +606,18 @@ def _cache_key(ds: datasets.Dataset, short_side: int) -> str:
         digest.update(ds._fingerprint.encode())
     digest.update(json.dumps(ds["image_id"][:]).encode())
     return digest.hexdigest()[:20]
+
+
+def open_resized(record, short_side: int, *, enlarge: bool = False):
+    """Decode an image record to RGB with its short side scaled down to `short_side` (`enlarge`:
+    or up), bicubic and antialiased; JPEGs decode in draft mode where that is enough."""
+    image = open_rgb(record, min_side=short_side)
+    width, height = image.size
+    if min(width, height) > short_side or (enlarge and min(width, height) < short_side):
+        # the long side as torchvision's Resize(short_side) makes it
+        long = int(short_side * max(width, height) / min(width, height))
+        image = image.resize((short_side, long) if width <= height else (long, short_side), resample=3)
+    return image
 
 
 def pre_resize(ds: datasets.Dataset, *, short_side: int, num_proc: int = 1) -> datasets.Dataset:
@@ -621,18 +633,13 @@ def pre_resize(ds: datasets.Dataset, *, short_side: int, num_proc: int = 1) -> d
     def resize(batch):
         stored = []
         for record in batch["image"]:
-            image = open_rgb(record, min_side=short_side)  # JPEG draft decoding where it helps
-            width, height = image.size
-            scale = short_side / min(width, height)
-            if scale < 1:
-                image = image.resize((round(width * scale), round(height * scale)),
-                                     resample=3)  # bicubic, antialiased
+            image = open_resized(record, short_side)
             buffer = io.BytesIO()
             image.save(buffer, format="PPM")
             stored.append({"bytes": buffer.getvalue(), "path": None})
         return {"image": stored}
 
-    cache_file = cache_root() / "resized" / f"{_cache_key(ds, short_side)}.arrow"
+    cache_file = cache_root() / "resized" / f"{content_key(ds, short_side)}.arrow"
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     features = ds.features.copy()
     features["image"] = datasets.Image(decode=False)

@@ -45,6 +45,11 @@ class EpochSeededSampler(Sampler):
         return iter([(self.epoch, i) for i in order])
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed one sample is augmented under: the same on the CPU and the device path."""
+    return seed * 1_000_003 + epoch * 100_000_007 + index
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -107,7 +112,7 @@ class PetTorchDataset(Dataset):
         if epoch is None:
             item = self._read(index)
         else:
-            with seeded_rng(self.seed * 1_000_003 + epoch * 100_000_007 + index):
+            with seeded_rng(sample_seed(self.seed, epoch, index)):
                 item = self._read(index)
         return {**item, "index": index}
 
@@ -186,8 +191,11 @@ def _register_worker_cleanup() -> None:
         _kill_at_exit_registered = True
 
 
-def build_dataloader(dataset: PetTorchDataset, *, batch_size: int, train: bool, seed: int,
-                     num_workers: int, pin_memory: bool = False, drop_last: bool = False):
+def build_dataloader(dataset: Dataset, *, batch_size: int, train: bool, seed: int,
+                     num_workers: int, pin_memory: bool = False, drop_last: bool = False,
+                     collate_fn=None):
+    """`collate_fn`: None for torch's default; device_augment.collate_regions for
+    `augment_on: device`."""
     sampler = EpochSeededSampler(len(dataset), seed, shuffle=True) if train else None
     if num_workers > 0:
         _register_worker_cleanup()
@@ -199,6 +207,7 @@ def build_dataloader(dataset: PetTorchDataset, *, batch_size: int, train: bool, 
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=drop_last,
+        collate_fn=collate_fn,
         # Its own generator: creating an iterator then draws no number from the global RNG,
         # which dropout and drop-path use, so a resumed run sees the same random stream.
         generator=torch.Generator().manual_seed(seed),

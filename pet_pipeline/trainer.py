@@ -59,6 +59,7 @@ class RunData:
     test: torch.utils.data.DataLoader
     num_workers: int
     data_config: dict  # the model's input size, mean, std, interpolation, crop
+    augment_on: str = "cpu"  # device: uint8 regions in the batches, resampled on the device
 
     @property
     def class_names(self) -> list[str]:
