@@ -23,6 +23,14 @@ ours:  load_pets(data_dir, species="all", val_fraction=0) -> PetTorchDataset wit
 ours + pre_resize 256: the same on pet_pipeline.data.pre_resize(train, short_side=256), when
        that function exists; its one-off cost (cold: a fresh PET_PIPELINE_CACHE) is reported
        apart, not in images/s.
+ours + pre_resize 256, standard: the same without RandAugment (augment: standard, what
+       configs/gpu.yaml trains with): the CPU path the device path replaces, like for like.
+device (standard): augment_on: device. pet_pipeline.pixel_cache decodes the images once into
+       memory-mapped uint8 files at short side 256 (one-off, reported apart), and the workers run
+       device_augment.CachedImages + collate_regions: draw the crop, copy its source region,
+       pad into a batch. That is the host's whole share; the device's (DeviceAugment: one
+       roi_align over the batch, flip, normalise) is timed apart on this CPU, one thread, and
+       runs on the GPU in training. Its per_core is host-side images/s per core.
 
 For each W, each pipeline: a fresh iterator, --warmup-rounds rounds of W batches (worker
 start-up, first batches), then whole rounds of W batches timed (~--measure-images images,
@@ -68,6 +76,7 @@ from torchvision import transforms  # noqa: E402
 
 import pet_pipeline.data as pet_data  # noqa: E402
 from benchmarks.data_prep import annotation_line, full_size_folder  # noqa: E402
+from pet_pipeline.device_augment import CachedImages, DeviceAugment, collate_regions  # noqa: E402
 from pet_pipeline.images import open_rgb  # noqa: E402
 from pet_pipeline.loader import PetTorchDataset, build_dataloader, seeded_rng  # noqa: E402
 from pet_pipeline.transforms import (  # noqa: E402
@@ -80,6 +89,8 @@ from pet_pipeline.transforms import (  # noqa: E402
 SAMPLE_DIR = ROOT.parent / "shared" / "data" / "oxford-pet-sample"
 MODEL, IMAGE_SIZE, AUGMENT, BATCH_SIZE = "coatnet_0_rw_224", 224, "strong", 32
 PRE_RESIZE_SIDE = 256
+DEVICE = "device (standard)"  # augment_on: device: the host's share only
+PRE_RESIZE_STANDARD = f"ours + pre_resize {PRE_RESIZE_SIDE}, standard"
 FOLDER_VERSION = 1  # bump when the replicated folder's layout changes
 
 
@@ -189,8 +200,10 @@ def old_loader(dataset: OldPetDataset, workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, num_workers=workers)
 
 
-def ours_loader(dataset: PetTorchDataset, workers: int) -> DataLoader:
-    return build_dataloader(dataset, batch_size=BATCH_SIZE, train=True, seed=0, num_workers=workers)
+def ours_loader(dataset: Dataset, workers: int) -> DataLoader:
+    collate = collate_regions if isinstance(dataset, CachedImages) else None
+    return build_dataloader(dataset, batch_size=BATCH_SIZE, train=True, seed=0, num_workers=workers,
+                            collate_fn=collate)
 
 
 def batch_len(batch) -> int:
@@ -312,6 +325,23 @@ def device_half_cost(data_config: dict, repeats: int = 5) -> float:
     return min(mean_us(lambda _: device_transform(batch), 2) for _ in range(repeats)) / BATCH_SIZE
 
 
+def device_path_costs(dataset: CachedImages, data_config: dict, n: int, repeats: int = 5) -> dict:
+    """Microseconds per image of the device path: the host's share in process (draw, copy the
+    region, collate a batch of BATCH_SIZE: what a worker does), and DeviceAugment on that batch
+    on this CPU with one thread (what the GPU does in training); best of `repeats`."""
+    batches = max(1, n // BATCH_SIZE)
+
+    def host(_):
+        for b in range(batches):
+            collate_regions([dataset[(0, (b * BATCH_SIZE + i) % len(dataset))] for i in range(BATCH_SIZE)])
+
+    batch = collate_regions([dataset[(0, i % len(dataset))] for i in range(BATCH_SIZE)])
+    augment = DeviceAugment(data_config, "cpu")
+    return {"host_us": min(mean_us(host, 1) for _ in range(repeats)) / (batches * BATCH_SIZE),
+            "device_side_cpu_us": min(mean_us(lambda _: augment(batch), 2)
+                                      for _ in range(repeats)) / BATCH_SIZE}
+
+
 def mean_us(fn, n: int) -> float:
     start = time.perf_counter()
     for i in range(n):
@@ -418,6 +448,21 @@ def main(argv: list[str] | None = None) -> None:
               f" (num_proc {pre_resize_procs}; one-off, not in the images/s below)")
         pipelines[f"ours + pre_resize {PRE_RESIZE_SIDE}"] = PetTorchDataset(
             cached, train_transform, seed=0, min_side=min_side)
+        pipelines[PRE_RESIZE_STANDARD] = PetTorchDataset(
+            cached, build_train_transform(data_config, "standard"), seed=0, min_side=min_side)
+
+    # ------------------------------------------------------------------------- the device path
+    from pet_pipeline.pixel_cache import open_or_build
+
+    start = time.perf_counter()
+    pixel_cache_dir = tempfile.TemporaryDirectory(prefix="pixel-cache-", dir=work_dir)  # cold
+    pixel_cache, _ = open_or_build(pets.train, short_side=PRE_RESIZE_SIDE, root=Path(pixel_cache_dir.name),
+                                   num_proc=pre_resize_procs)
+    pixel_cache_s = time.perf_counter() - start
+    print(f"pixel cache: {pixel_cache.describe()}, built in {pixel_cache_s:.1f} s"
+          f" (num_proc {pre_resize_procs}; one-off, not in the images/s below)")
+    pipelines[DEVICE] = CachedImages(pets.train, pixel_cache, data_config=data_config, augment="standard",
+                                     train=True, seed=0)
 
     # ------------------------------------------------------------------------- timing
     full_batches = len(pets.train) // BATCH_SIZE  # the last, partial batch is never timed
@@ -520,6 +565,17 @@ def main(argv: list[str] | None = None) -> None:
         profile = {"images": n, "stages_us": columns, "item_us": whole, "collate_us": collate,
                    "implied_per_core": implied, "device_half_cpu_us": device_us}
 
+    device_pc = row(DEVICE, headline_w)["per_core"]
+    standard_pc = row(PRE_RESIZE_STANDARD, headline_w)["per_core"] if pre_resize_s is not None else None
+    device_costs = device_path_costs(pipelines[DEVICE], data_config, max(args.profile_images, BATCH_SIZE))
+    print(f"  {DEVICE}: {device_pc:.1f} host-side images/s per core at num_workers {headline_w} (ratio"
+          f" {device_pc / old_pc:.2f} to the old pipeline" + (
+              f", {device_pc / cached_pc:.2f}x ours + pre_resize {PRE_RESIZE_SIDE} (strong),"
+              f" {device_pc / standard_pc:.2f}x {PRE_RESIZE_STANDARD}" if cached_pc else "") + ")")
+    print(f"  {DEVICE} in process: host {device_costs['host_us']:.0f} us per image (draw + region copy +"
+          f" collate); device side (roi_align, flip, normalise) {device_costs['device_side_cpu_us']:.0f} us"
+          " per image on this CPU, one thread (on the GPU in training)")
+
     if args.json:
         result = {
             "ours_per_core": ours_pc, "old_per_core": old_pc, "ratio": ours_pc / old_pc,
@@ -528,7 +584,12 @@ def main(argv: list[str] | None = None) -> None:
                               for name, r in best.items()},
             "pre_resize": {"available": pre_resize is not None, "seconds": pre_resize_s,
                            "short_side": PRE_RESIZE_SIDE, "num_proc": pre_resize_procs,
-                           "per_core": cached_pc, "ratio": None if cached_pc is None else cached_pc / old_pc},
+                           "per_core": cached_pc, "ratio": None if cached_pc is None else cached_pc / old_pc,
+                           "standard_per_core": standard_pc},
+            "device": {"per_core": device_pc, "ratio": device_pc / old_pc,
+                       "vs_pre_resize": None if cached_pc is None else device_pc / cached_pc,
+                       "vs_pre_resize_standard": None if standard_pc is None else device_pc / standard_pc,
+                       "cache_seconds": pixel_cache_s, "cache_bytes": pixel_cache.nbytes, **device_costs},
             "rows": rows, "profile": profile, "args": vars(args),
             "files": {"source": str(source), "folder": str(root), **files},
             "machine": {"node": platform.node(), "usable_cores": cores, "cpu_count": os.cpu_count(),
@@ -544,6 +605,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nwrote {args.json}")
     if pre_resize is not None:
         cache_dir.cleanup()
+    pixel_cache_dir.cleanup()
 
 
 if __name__ == "__main__":

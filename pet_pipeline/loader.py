@@ -50,33 +50,36 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return seed * 1_000_003 + epoch * 100_000_007 + index
 
 
-def _seed_all(seed: int) -> None:
+def _seed_all(seed: int, numpy: bool = True) -> None:
     random.seed(seed)
-    np.random.seed(seed % (2**32))
+    if numpy:
+        np.random.seed(seed % (2**32))
     torch.random.default_generator.manual_seed(seed % (2**63))
 
 
 @contextmanager
-def seeded_rng(seed: int):
+def seeded_rng(seed: int, *, numpy: bool = True):
     """Seed Python's, NumPy's and torch's CPU generators (torchvision draws from torch,
-    timm's RandAugment from NumPy and Python) for one sample.
+    timm's RandAugment from NumPy and Python) for one sample; `numpy=False` leaves NumPy's
+    alone, for draws that never use it (device_augment: the crop and the flip).
 
     In the main process (num_workers 0) the caller's states are put back afterwards
     (~150 us, mostly NumPy's state copy); a DataLoader worker's generators serve nothing
     else, so there it only seeds (~15 us).
     """
     if torch.utils.data.get_worker_info() is not None:
-        _seed_all(seed)
+        _seed_all(seed, numpy)
         yield
         return
-    python_state, numpy_state = random.getstate(), np.random.get_state()
+    python_state, numpy_state = random.getstate(), np.random.get_state() if numpy else None
     torch_state = torch.random.get_rng_state()
-    _seed_all(seed)
+    _seed_all(seed, numpy)
     try:
         yield
     finally:
         random.setstate(python_state)
-        np.random.set_state(numpy_state)
+        if numpy:
+            np.random.set_state(numpy_state)
         torch.random.set_rng_state(torch_state)
 
 
