@@ -12,12 +12,15 @@ import json
 import math
 import os
 import random
+import re
+import subprocess
+import sys
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import PET_SAMPLE, TINY, ok, refused, run_in_process
+from conftest import PET_SAMPLE, REPO, TINY, cli, ok, refused, run_in_process
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -280,3 +283,29 @@ def test_the_device_eval_crop_equals_timms_eval_transform_on_every_real_photo(sa
         expected = torch.stack([cpu[row]["pixel_values"] for row in rows])
         got = resample(collate_regions([device[row] for row in rows]))
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster  # several processes: pytest -m cluster
+def test_two_processes_on_the_device_path_share_one_cache_and_count_every_test_image_once(tmp_path, env):
+    """torchrun, 2 CPU processes: the node's main process builds the pixel cache, the other maps
+    the same files; the device-resampled test batches are gathered with every image exactly once
+    (the split does not fill the last batch of both ranks, so accelerate pads it with repeats
+    that gather_for_metrics must drop)."""
+    out, cache = tmp_path / "ddp", tmp_path / "cache"
+    env2 = {**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PET_PIPELINE_CACHE": str(cache)}
+    values = {**TINY, "augment_on": "device", "epochs": 1, "synthetic_images_per_class": 15,
+              "output_dir": out}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run([*launch, str(REPO / "train.py"), *cli(values)], env=env2, cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    ok(result)
+    assert "2 process(es)" in result.stdout
+    test_images = int(re.search(r"/ test (\d+) images", result.stdout).group(1))
+    assert test_images % (2 * 16) != 0  # 2 ranks x eval batch 16: accelerate pads the last batch
+    assert "test built" in result.stdout
+    assert len(list((cache / "decoded").iterdir())) == 2  # train and test, built once each
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == test_images
+    ids = [line.split(",")[0] for line in (out / "eval" / "predictions.csv").read_text().splitlines()[1:]]
+    assert len(ids) == len(set(ids)) == test_images
